@@ -1,0 +1,1 @@
+"""Zarr stores of cached features: layout, fingerprint, open/verify, batch readers."""

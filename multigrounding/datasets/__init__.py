@@ -1,0 +1,1 @@
+"""Dataset readers into the grounding manifest, validation, and the synthetic dataset."""

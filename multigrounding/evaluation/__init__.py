@@ -1,0 +1,1 @@
+"""Pointing game, attention correctness, level selection, retrieval; reports and pictures."""

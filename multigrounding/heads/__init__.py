@@ -1,0 +1,1 @@
+"""Mapping heads, multi-level attention and scores, losses, the trainer, checkpoints."""

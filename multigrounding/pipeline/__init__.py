@@ -1,0 +1,1 @@
+"""Frozen backbones and text encoders (registries by name) and the dask extraction graph."""
