@@ -12,7 +12,7 @@ from typing import Iterator
 
 from multigrounding.datasets.jsonstream import stream_items
 from multigrounding.datasets.problems import ProblemLog
-from multigrounding.datasets.records import Record
+from multigrounding.datasets.records import Record, is_int
 from multigrounding.errors import DatasetNotFoundError
 
 WHAT = "COCO captions file"
@@ -47,7 +47,7 @@ def _read_images(path, problems: ProblemLog) -> dict[int, tuple[str, int | None,
     images: dict[int, tuple[str, int | None, int | None]] = {}
     for index, item in enumerate(stream_items(path, "images.item", WHAT)):
         where = f"images[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("id"), int):
+        if not isinstance(item, dict) or not is_int(item.get("id")):
             problems.add(path, where, "id", "an image entry without an integer id")
             continue
         image_id = item["id"]
@@ -83,4 +83,4 @@ def _read_captions(path, images: dict, problems: ProblemLog) -> dict[int, list[s
 
 
 def _size(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return value if is_int(value) and value > 0 else None

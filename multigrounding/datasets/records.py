@@ -180,14 +180,14 @@ def _phrase_from_json(data: Any, where: str) -> Phrase:
         raise RecordError(f"{where}.boxes", f"expected a list of boxes, got {_kind(boxes)}")
     for j, box in enumerate(boxes):
         if (not isinstance(box, list) or len(box) != 4
-                or not all(_is_number(v) and math.isfinite(v) for v in box)):
+                or not all(is_number(v) for v in box)):
             raise RecordError(f"{where}.boxes[{j}]", f"expected [x0, y0, x1, y1] numbers, got {box!r}")
     caption, start = data.get("caption"), data.get("start")
     if (caption is None) != (start is None):
         raise RecordError(f"{where}.{'start' if start is None else 'caption'}",
                           "caption and start go together (both or neither)")
     for name, value in (("caption", caption), ("start", start)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        if value is not None and (not is_int(value) or value < 0):
             raise RecordError(f"{where}.{name}", f"expected a non-negative integer, got {value!r}")
     for name in ("category", "type"):
         if data.get(name) is not None and not isinstance(data[name], str):
@@ -200,7 +200,7 @@ def _optional_size(data: dict, name: str) -> int | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise RecordError(name, f"expected a positive integer, got {value!r}")
     return value
 
@@ -212,8 +212,13 @@ def _relative_path(image: str, root: str | os.PathLike) -> str:
         return image
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (JSON's true is not a coordinate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _compact(value: float) -> float | int:
