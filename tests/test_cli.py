@@ -81,3 +81,43 @@ def test_synth_writes_a_dataset_that_validates(tmp_path):
     result = run("datasets", "validate", tmp_path / "s" / "manifest.jsonl")
     assert result.exit_code == 0, result.output
     assert "6 records, 0 bad" in result.output
+
+
+# The readers' own native-format fixtures, converted and validated through the command line.
+from test_flickr30k import dataset  # noqa: E402,F401  (pytest fixtures)
+from test_referit import referit  # noqa: E402,F401
+from test_visual_genome import vg  # noqa: E402,F401
+
+
+def convert_and_validate(tmp_path, *args):
+    out = tmp_path / "out" / "m.jsonl"
+    result = run("datasets", "convert", *args, "-o", out)
+    assert result.exit_code == 0, result.output
+    checked = run("datasets", "validate", out)
+    assert checked.exit_code == 0, checked.output
+    return result.output, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_convert_flickr30k_test_split(tmp_path, dataset):
+    root, images = dataset
+    output, rows = convert_and_validate(tmp_path, "flickr30k", root, images, "--split", "test")
+    assert [r["id"] for r in rows] == ["2000"]
+    assert rows[0]["phrases"][0] == {"text": "A dog", "caption": 0, "start": 0,
+                                     "boxes": [[0, 0, 63, 47]], "category": "animals"}
+
+
+def test_convert_visual_genome_with_the_reference_split(tmp_path, vg):
+    output, rows = convert_and_validate(tmp_path, "vg", vg["regions"], vg["image_data"], vg["images"],
+                                        vg["split_file"], "--split", "train")
+    assert [r["id"] for r in rows] == ["1"]
+    assert rows[0]["image"] == "../images/VG_100K_2/1.jpg"
+    assert "clamped" in output  # clamps are reported, not silent
+
+
+def test_convert_referit_with_hu_et_al_lists(tmp_path, referit):
+    write_image(referit["images"] / "25" / "images" / "25008.jpg", 64, 48)
+    output, rows = convert_and_validate(tmp_path, "referit", referit["refs"], referit["instances"],
+                                        referit["images"], referit["splits"], "--split", "train")
+    assert [r["id"] for r in rows] == ["25008"]
+    assert "skipped 1 records" in output  # 25010: its only ref has no annotation
+    assert all("caption" not in p for p in rows[0]["phrases"])  # standalone queries
