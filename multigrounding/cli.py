@@ -179,6 +179,231 @@ def synth(out_dir, count, seed, size) -> None:
                f"{summary.phrases} phrases to {summary.manifest} in {summary.seconds:.1f} s")
 
 
+class RegistryChoice(click.Choice):
+    """A choice whose names come from a registry, loaded only when needed (help or a call),
+    so ``multigrounding --help`` does not import torch. An unknown name says the closest one."""
+
+    def __init__(self, kind: str, loader):
+        self.kind = kind
+        self._loader = loader
+        self.case_sensitive = True
+
+    @property
+    def choices(self):
+        return tuple(self._loader())
+
+    def convert(self, value, param, ctx):
+        if value in self.choices:
+            return value
+        from multigrounding.errors import UnknownNameError
+
+        self.fail(str(UnknownNameError(self.kind, value, self.choices)), param, ctx)
+
+
+def _backbone_names():
+    from multigrounding.pipeline.backbones import list_backbones
+
+    return list_backbones()
+
+
+SCHEDULER_HELP = ("synchronous, threads, processes, distributed (a local dask.distributed cluster "
+                  "sized to the machine) or the address of a running scheduler, tcp://host:8786")
+
+
+@main.group(cls=_Group)
+def extract() -> None:
+    """Run the frozen backbone (or text encoder) once over a manifest into a feature cache.
+
+    The cache is a zarr store written shard by shard; run the same command again after an
+    interruption and it finishes only what is left. A cache made with other settings is
+    refused (--overwrite replaces it).
+
+    \b
+    Examples:
+      multigrounding extract images data/synth/manifest.jsonl --cache cache/synth-images
+      multigrounding extract images coco.jsonl --backbone vgg16 --weights imagenet --cache cache/coco-vgg
+    """
+
+
+@extract.command("images")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The feature store to write (a folder).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              type=RegistryChoice("backbone", _backbone_names), help="The frozen CNN.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (the library's download and cache), random (tests only; recorded as "
+                   "such) or a path to a state-dict file.")
+@click.option("--seed", default=0, show_default=True, help="Seed for --weights random.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--shard-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Images per shard: the unit of work, retry and resumption.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
+@click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP)
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes/threads [default: cores/4, 1 on GPU].")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@click.option("--show", default=20, show_default=True, help="How many failures to print.")
+def extract_images_command(manifest, cache, backbone, weights, seed, batch_size, shard_size, device,
+                           scheduler, workers, overwrite, show) -> None:
+    """Extract the backbone's four feature levels for every image of MANIFEST.
+
+    Images that cannot be read are recorded as failed (`cache info` lists them), their rows
+    masked; the run goes on and exits 1 at the end.
+
+    \b
+    Example:
+      multigrounding extract images data/synth/manifest.jsonl --cache cache/synth-images --scheduler threads
+    """
+    from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+
+    job = ImageExtraction(manifest=manifest, cache=cache, backbone=backbone, weights=weights,
+                          seed=seed, shard_size=shard_size, batch_size=batch_size, device=device,
+                          scheduler=scheduler, workers=workers, overwrite=overwrite)
+    _check_scheduler(scheduler)
+    with _progress("images") as bar:
+        summary = extract_images(job, progress=_counter(bar))
+    _echo_extraction(summary, show)
+    if not summary.ok:
+        sys.exit(1)
+
+
+def _check_scheduler(scheduler: str) -> None:
+    from multigrounding.pipeline.scheduler import check_scheduler
+
+    try:
+        check_scheduler(scheduler)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--scheduler") from None
+
+
+def _counter(bar):
+    def update(done: int, total: int) -> None:
+        if bar.total != total:
+            bar.reset(total=total)
+        bar.n = done
+        bar.refresh()
+    return update
+
+
+def _echo_extraction(summary, show: int) -> None:
+    for image_id, reason in summary.failed_images[:show]:
+        click.echo(f"failed: image {image_id}: {reason}", err=True)
+    if len(summary.failed_images) > show:
+        click.echo(f"... and {len(summary.failed_images) - show} more failed images", err=True)
+    for shard, error in summary.failed_shards:
+        click.echo(f"failed: shard {shard}: {error}", err=True)
+    rate = summary.images_run / summary.seconds if summary.seconds else 0.0
+    click.echo(f"{summary.cache}: {summary.shards_already_done + summary.shards_run - len(summary.failed_shards)}"
+               f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
+               f"{len(summary.failed_images)} images failed, {len(summary.failed_shards)} shards failed; "
+               f"{summary.seconds:.1f} s ({rate:.1f} images/s), {summary.bytes / 1e6:.1f} MB on disk")
+    click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
+               f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
+
+
+@main.group(cls=_Group)
+def cache() -> None:
+    """Look inside feature caches: size before extracting, contents, soundness.
+
+    \b
+    Examples:
+      multigrounding cache plan coco.jsonl --backbone vgg16
+      multigrounding cache info cache/synth-images
+      multigrounding cache verify cache/synth-images
+    """
+
+
+@cache.command("plan")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              type=RegistryChoice("backbone", _backbone_names))
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the cache would go (to show the free space there).")
+def cache_plan(manifest, backbone, cache) -> None:
+    """Print how large the visual cache of MANIFEST will be, before starting.
+
+    \b
+    Example:
+      multigrounding cache plan coco-train.jsonl --backbone vgg16 --cache cache/coco-vgg
+    """
+    from multigrounding.cache.inspect import plan_size
+    from multigrounding.datasets.manifest import read_manifest
+    from multigrounding.pipeline.backbones import get_backbone_spec
+
+    spec = get_backbone_spec(backbone)
+    count = sum(1 for _ in read_manifest(manifest))
+    plan = plan_size(count, spec.grid, [lv.channels for lv in spec.levels], cache)
+    click.echo(f"{manifest}: {plan.images} images")
+    click.echo(f"{backbone}: {len(spec.levels)} levels at {spec.grid}x{spec.grid} "
+               f"({', '.join(f'{lv.name} {lv.channels}' for lv in spec.levels)} channels), "
+               f"input {spec.input_size}x{spec.input_size}")
+    click.echo(f"  {plan.bytes_per_image / 1e6:.3f} MB per image in float16; "
+               f"{_size(plan.total_bytes)} before compression")
+    if plan.free_bytes is not None:
+        verdict = "enough" if plan.free_bytes > plan.total_bytes else "NOT enough"
+        click.echo(f"  {_size(plan.free_bytes)} free at {cache}: {verdict}")
+
+
+@cache.command("info")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--show", default=20, show_default=True, help="How many failures to print.")
+def cache_info(store, show) -> None:
+    """Print what STORE holds: its config, progress and failures.
+
+    \b
+    Example:
+      multigrounding cache info cache/synth-images
+    """
+    import json
+
+    from multigrounding.cache.inspect import describe
+
+    info = describe(store)
+    click.echo(f"{info.path}: {info.kind} store, fingerprint {info.fingerprint}, created {info.created}, "
+               f"{_size(info.bytes)} on disk")
+    click.echo("progress: " + ", ".join(f"{k} {v}" for k, v in info.progress.items()))
+    click.echo("config:")
+    for line in json.dumps(info.config, indent=2, sort_keys=True).splitlines():
+        click.echo("  " + line)
+    if info.failures:
+        click.echo(f"failures ({len(info.failures)}):")
+        for row, image_id, reason in info.failures[:show]:
+            click.echo(f"  row {row} image {image_id}: {reason}")
+
+
+@cache.command("verify")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--show", default=20, show_default=True, help="How many problems to print.")
+def cache_verify(store, show) -> None:
+    """Read every shard of STORE back: all there, right shapes and dtypes, no NaN or Inf.
+
+    Exit status 1 when anything is wrong.
+
+    \b
+    Example:
+      multigrounding cache verify cache/synth-images
+    """
+    from multigrounding.cache.inspect import verify
+
+    with _progress("shards") as bar:
+        report = verify(store, progress=bar.update)
+    for problem in report.problems[:show]:
+        click.echo(f"{store}: {problem}", err=True)
+    if len(report.problems) > show:
+        click.echo(f"... and {len(report.problems) - show} more problems", err=True)
+    click.echo(f"{store}: {report.checked_shards} shards checked, {len(report.problems)} problems")
+    if not report.ok:
+        sys.exit(1)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1000
+    return f"{count} B"
+
+
 @contextmanager
 def _progress(unit: str, total: int | None = None):
     with tqdm(total=total, unit=f" {unit}", file=sys.stderr, dynamic_ncols=True,

@@ -1,0 +1,184 @@
+"""The text feature store: every word's encoder layers, flat, plus sentence vectors and spans.
+
+Layout (one zarr v3 group):
+  image_ids          (N,) str            the manifest ids, in manifest order
+  captions/image     (C,) int32          the image row each sequence belongs to
+  captions/is_caption(C,) uint8          1: a manifest caption (training text); 0: a standalone
+                                         query phrase that is not among the captions (eval only)
+  captions/start     (C,) int64          first row of the sequence in ``tokens``
+  captions/length    (C,) int32          its number of words
+  tokens             (T, L, D) float16   per word, every encoder layer; one word per inner chunk
+  words              (T,) str            the words themselves
+  sentence           (C, S, D) float16   the encoder's sentence vectors
+  phrases/{record,index,caption,start,length} (P,) int  every manifest phrase: its record row,
+                                         its index in the record, the sequence and words it spans
+  done               (n_shards,) uint8   per shard of ``shard_size`` sequences
+
+Tokens are flat, not padded (padding to the longest caption costs 2-3x the space). A shard of
+sequences is the unit of work: its tokens start on a token-shard boundary (the few rows up to
+the next boundary stay unwritten and cost nothing on disk), so no two tasks ever write the same
+zarr shard. Hence ``start``/``length`` rather than a gapless offsets array.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from multigrounding.cache.store import Header, prepare_store, read_header
+
+KIND = "text"
+
+
+@dataclass
+class TextLayout:
+    """Everything about the sequences that the manifest alone decides (computed by the driver)."""
+
+    image_ids: list[str]
+    words: list[list[str]]           # per sequence
+    image: np.ndarray                # (C,) int32
+    is_caption: np.ndarray           # (C,) uint8
+    phrases: dict[str, np.ndarray]   # record, index, caption, start, length
+    shard_size: int
+    token_shard: int
+
+    def __post_init__(self):
+        lengths = np.array([len(w) for w in self.words], dtype=np.int64)
+        self.length = lengths.astype(np.int32)
+        self.start = np.zeros(len(self.words), dtype=np.int64)
+        base = 0
+        for first in range(0, len(self.words), self.shard_size):
+            rows = slice(first, first + self.shard_size)
+            counts = lengths[rows]
+            self.start[rows] = base + np.concatenate([[0], np.cumsum(counts)[:-1]])
+            base += -(-int(counts.sum()) // self.token_shard) * self.token_shard
+        self.total_tokens = base
+
+
+class TextFeatureStore:
+    """Reading and writing one text feature store (see the module docstring for the layout)."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, header: Header):
+        self.path = Path(path)
+        self.group = group
+        self.header = header
+        self.config = header.config
+        self.shard_size = int(self.config["shard_size"])
+        self.num_sequences = group["captions/start"].shape[0]
+        self.num_shards = -(-self.num_sequences // self.shard_size)
+        self.tokens = group["tokens"]
+        self.sentence = group["sentence"]
+
+    @classmethod
+    def create_or_resume(cls, path: str | Path, config: dict, layout: TextLayout,
+                         overwrite: bool = False) -> tuple["TextFeatureStore", bool]:
+        group, header, resumed = prepare_store(path, KIND, config, overwrite)
+        if not resumed:
+            _allocate(group, config, layout)
+        return cls(path, group, header), resumed
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "TextFeatureStore":
+        group, header = read_header(path, KIND)
+        if mode != "r":
+            group = zarr.open_group(str(path), mode=mode)
+        return cls(path, group, header)
+
+    def shard_slice(self, shard: int) -> slice:
+        start = shard * self.shard_size
+        return slice(start, min(start + self.shard_size, self.num_sequences))
+
+    def done_shards(self) -> np.ndarray:
+        return self.group["done"][:].astype(bool)
+
+    def write_shard(self, shard: int, tokens: np.ndarray, words: list[str],
+                    sentence: np.ndarray) -> None:
+        """Write one shard's tokens, words and sentence vectors, then its done flag."""
+        rows = self.shard_slice(shard)
+        first = int(self.group["captions/start"][rows.start])
+        if len(words):
+            self.tokens[first:first + len(words)] = tokens
+            self.group["words"][first:first + len(words)] = np.array(words, dtype=object).astype(str)
+        self.sentence[rows] = sentence
+        self.group["done"][shard] = 1
+
+    def progress(self) -> dict:
+        done = self.done_shards()
+        sequences = sum(self.shard_slice(s).stop - self.shard_slice(s).start
+                        for s in np.flatnonzero(done))
+        return {"shards_done": int(done.sum()), "shards": self.num_shards,
+                "sequences_done": int(sequences), "sequences": self.num_sequences,
+                "captions": int(self.group["captions/is_caption"][:].sum()),
+                "phrases": int(self.group["phrases/record"].shape[0])}
+
+    def sequence_tokens(self, row: int) -> np.ndarray:
+        """[words, L, D] float16 of one sequence."""
+        start = int(self.group["captions/start"][row])
+        length = int(self.group["captions/length"][row])
+        return self.tokens[start:start + length]
+
+
+def _allocate(group: zarr.Group, config: dict, layout: TextLayout) -> None:
+    count, layers, dim = len(layout.words), int(config["num_layers"]), int(config["dim"])
+    vectors = int(config["num_sentence_vectors"])
+    shard, token_shard = layout.shard_size, layout.token_shard
+    compressor = ZstdCodec(level=3)
+    group.create_array("image_ids", shape=(len(layout.image_ids),), dtype=str,
+                       chunks=(max(len(layout.image_ids), 1),))
+    group["image_ids"][:] = np.array(layout.image_ids, dtype=object).astype(str)
+    captions = group.create_group("captions")
+    for name, values in (("image", layout.image), ("is_caption", layout.is_caption),
+                         ("start", layout.start), ("length", layout.length)):
+        captions.create_array(name, shape=values.shape, dtype=values.dtype,
+                              chunks=(max(len(values), 1),))
+        captions[name][:] = values
+    phrases = group.create_group("phrases")
+    for name, values in layout.phrases.items():
+        phrases.create_array(name, shape=values.shape, dtype=values.dtype,
+                             chunks=(max(len(values), 1),))
+        if len(values):
+            phrases[name][:] = values
+    total = max(layout.total_tokens, 1)
+    group.create_array("tokens", shape=(total, layers, dim), dtype="float16",
+                       chunks=(1, layers, dim), shards=(token_shard, layers, dim),
+                       compressors=compressor, fill_value=0)
+    group.create_array("words", shape=(total,), dtype=str, chunks=(token_shard,))
+    group.create_array("sentence", shape=(max(count, 1), vectors, dim), dtype="float16",
+                       chunks=(1, vectors, dim), shards=(shard, vectors, dim),
+                       compressors=compressor, fill_value=0)
+    group.create_array("done", shape=(-(-count // shard),), dtype="uint8", chunks=(1,),
+                       fill_value=0)
+
+
+def verify_text_store(path: str | Path, progress=None):
+    """Every shard done, its tokens and sentence vectors finite and of the declared shape."""
+    from multigrounding.cache.inspect import VerifyReport
+
+    store = TextFeatureStore.open(path)
+    report = VerifyReport(Path(path))
+    layers, dim = int(store.config["num_layers"]), int(store.config["dim"])
+    if store.tokens.shape[1:] != (layers, dim) or store.tokens.dtype != np.float16:
+        report.problems.append(f"tokens: shape {store.tokens.shape} {store.tokens.dtype}, "
+                               f"config says (T, {layers}, {dim}) float16")
+    done = store.done_shards()
+    starts = store.group["captions/start"][:]
+    lengths = store.group["captions/length"][:]
+    for shard in range(store.num_shards):
+        rows = store.shard_slice(shard)
+        if not done[shard]:
+            report.problems.append(f"shard {shard} (sequences {rows.start}-{rows.stop - 1}): not "
+                                   "extracted yet; run the extract command again to finish it")
+        else:
+            first = int(starts[rows.start])
+            last = int(starts[rows.stop - 1] + lengths[rows.stop - 1])
+            for name, values in (("tokens", store.tokens[first:last]),
+                                 ("sentence", store.sentence[rows])):
+                if not np.isfinite(values).all():
+                    report.problems.append(f"shard {shard} {name}: NaN or Inf values")
+        report.checked_shards += 1
+        if progress is not None:
+            progress(1)
+    return report

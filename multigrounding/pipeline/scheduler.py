@@ -1,0 +1,101 @@
+"""Running one task per shard on any dask scheduler, results reported as each task ends.
+
+The same list of ``dask.delayed`` calls runs on the local schedulers (``synchronous``,
+``threads``, ``processes``; processes are spawned, never forked, since torch and zarr start
+threads) or on dask.distributed: a local cluster sized to the machine by default, or an
+existing scheduler at a ``tcp://host:port`` address. Tasks report their own errors in their
+results, so one bad shard never cancels the rest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import dask
+from dask.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+LOCAL_SCHEDULERS = ("synchronous", "threads", "processes")
+SCHEDULERS = LOCAL_SCHEDULERS + ("distributed",)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many worker processes or threads, and torch threads in each (their product ≤ cores)."""
+
+    scheduler: str
+    workers: int
+    torch_threads: int
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Raise ValueError unless ``scheduler`` is a known name or a dask.distributed address."""
+    if scheduler not in SCHEDULERS and not scheduler.startswith(("tcp://", "tls://", "ucx://")):
+        raise ValueError(f"unknown scheduler {scheduler!r}: choose {', '.join(SCHEDULERS)} or a "
+                         "dask.distributed address such as tcp://host:8786")
+
+
+def plan_workers(scheduler: str, workers: int | None, device: str) -> Plan:
+    """Workers and torch threads for the scheduler on this machine."""
+    check_scheduler(scheduler)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if scheduler == "synchronous":
+        return Plan(scheduler, 1, cores)
+    if workers is None:
+        workers = 1 if device.startswith("cuda") else max(1, cores // 4)
+    return Plan(scheduler, workers, max(1, cores // workers))
+
+
+class _Reporter(Callback):
+    """Calls ``on_result`` from the local scheduler as each shard task finishes."""
+
+    def __init__(self, keys: set, on_result: Callable[[Any], None]):
+        super().__init__()
+        self.keys = keys
+        self.on_result = on_result
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if key in self.keys:
+            self.on_result(result)
+
+
+def run_tasks(tasks: Sequence[dask.delayed], plan: Plan, on_result: Callable[[Any], None],
+              on_error: Callable[[int, BaseException], None], plugin: Any = None) -> None:
+    """Compute every task; ``on_result(result)`` as each ends, ``on_error(i, exc)`` if a task
+    itself died (a killed worker, say)."""
+    if not tasks:
+        return
+    if plan.scheduler in LOCAL_SCHEDULERS:
+        keys = {task.key for task in tasks}
+        with _Reporter(keys, on_result), dask.config.set({"multiprocessing.context": "spawn"}):
+            dask.compute(*tasks, scheduler=plan.scheduler, num_workers=plan.workers)
+        return
+    _run_distributed(tasks, plan, on_result, on_error, plugin)
+
+
+def _run_distributed(tasks, plan: Plan, on_result, on_error, plugin) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    if plan.scheduler == "distributed":
+        cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        cluster, client = None, Client(plan.scheduler)
+    try:
+        if plugin is not None:
+            client.register_plugin(plugin)
+        futures = client.compute(list(tasks))
+        index = {future.key: i for i, future in enumerate(futures)}
+        for future in as_completed(futures):
+            try:
+                on_result(future.result())
+            except Exception as exc:  # the worker died or the task could not run
+                on_error(index[future.key], exc)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
