@@ -22,8 +22,9 @@ from multigrounding.errors import MultigroundingError
 FORMAT_VERSION = 1
 ATTRIBUTE = "multigrounding"
 LOCK_NAME = ".lock"
-# Config keys recorded for the user but not part of the fingerprint (moving a file is harmless).
-NOT_FINGERPRINTED = ("manifest_path",)
+# Config keys (dotted) recorded for the user but not fingerprinted: where a file lies does not
+# shape the numbers (its sha256, which is fingerprinted, does).
+NOT_FINGERPRINTED = ("manifest_path", "encoder.model")
 
 
 class CacheError(MultigroundingError, ValueError):
@@ -146,8 +147,14 @@ def store_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def _fingerprinted(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key not in NOT_FINGERPRINTED}
+def _fingerprinted(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if dotted in NOT_FINGERPRINTED:
+            continue
+        out[key] = _fingerprinted(value, dotted + ".") if isinstance(value, dict) else value
+    return out
 
 
 def _clear(path: Path) -> None:
