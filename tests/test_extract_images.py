@@ -155,3 +155,15 @@ def test_kill_9_then_resume_gives_the_same_arrays_as_one_clean_run(tmp_path):
     for name in want:
         assert want[name].dtype == got[name].dtype
         assert want[name].tobytes() == got[name].tobytes(), name
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "distributed"])
+def test_every_scheduler_writes_the_same_store(synth, tmp_path, scheduler):
+    """The same graph on spawned processes and on a local dask.distributed cluster (the same
+    torch threads per worker as the threaded run, so the float arithmetic is the same too)."""
+    assert extract(synth, tmp_path / "threads", "--workers", "2").exit_code == 0
+    result = extract(synth, tmp_path / scheduler, "--scheduler", scheduler, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    want, got = arrays(tmp_path / "threads"), arrays(tmp_path / scheduler)
+    for name in want:
+        assert want[name].tobytes() == got[name].tobytes(), name

@@ -20,7 +20,7 @@ from multigrounding.cache.fingerprint import file_sha256, package_versions
 from multigrounding.cache.image_store import ImageFeatureStore
 from multigrounding.cache.store import remove_stale_partials, store_bytes, writer_lock
 from multigrounding.datasets.manifest import read_manifest
-from multigrounding.pipeline.image_task import ModelKey, ShardResult, WarmBackbone, get_backbone, run_image_shard
+from multigrounding.pipeline.image_task import ModelKey, ShardResult, get_backbone, run_image_shard
 from multigrounding.pipeline.scheduler import plan_workers, run_tasks
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def extract_images(job: ImageExtraction,
         tasks = [dask.delayed(run_image_shard, pure=False, name=f"shard-{s}")(
                      str(job.cache), s, paths[store.shard_slice(s)], key, job.batch_size)
                  for s in pending]
-        run_tasks(tasks, plan, on_result, on_error, plugin=WarmBackbone(key))
+        run_tasks(tasks, plan, on_result, on_error, warm=(get_backbone, key))
     summary.seconds = time.perf_counter() - started
     summary.bytes = store_bytes(job.cache)
     return summary

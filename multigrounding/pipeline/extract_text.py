@@ -106,18 +106,6 @@ def get_encoder(key: EncoderKey):
         return encoder
 
 
-class WarmEncoder:
-    """A dask.distributed WorkerPlugin that loads the encoder when a worker starts."""
-
-    name = "multigrounding-warm-encoder"
-
-    def __init__(self, key: EncoderKey):
-        self.key = key
-
-    def setup(self, worker) -> None:
-        get_encoder(self.key)
-
-
 def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
                    batch_size: int) -> TextShardResult:
     """Encode and write one shard of sequences; never raises (errors come back in the result)."""
@@ -238,7 +226,7 @@ def extract_text(job: TextExtraction,
         tasks = [dask.delayed(run_text_shard, pure=False, name=f"text-shard-{s}")(
                      str(job.cache), s, layout.words[store.shard_slice(s)], key, job.batch_size)
                  for s in pending]
-        run_tasks(tasks, plan, on_result, on_error, plugin=WarmEncoder(key))
+        run_tasks(tasks, plan, on_result, on_error, warm=(get_encoder, key))
     summary.seconds = time.perf_counter() - started
     summary.bytes = store_bytes(job.cache)
     return summary

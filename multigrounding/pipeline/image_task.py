@@ -2,7 +2,7 @@
 
 The function is module-level and takes only plain, picklable arguments, so dask can ship it to
 threads, spawned processes or a distributed cluster alike. The model is loaded once per worker
-process (``_MODELS``), warmed up front by ``WarmBackbone`` under dask.distributed. Decoding of the
+process (``_MODELS``), warmed up front under dask.distributed (see ``warmup``). Decoding of the
 next batch runs on a thread while the backbone computes the current one (Pillow releases the
 GIL), and an image that fails to decode is recorded, not fatal.
 """
@@ -61,18 +61,6 @@ def get_backbone(key: ModelKey):
             model = create_backbone(key.backbone, key.weights, seed=key.seed, device=key.device)
             _MODELS[key] = model
         return model
-
-
-class WarmBackbone:
-    """A dask.distributed WorkerPlugin that loads the backbone when a worker starts."""
-
-    name = "multigrounding-warm-backbone"
-
-    def __init__(self, key: ModelKey):
-        self.key = key
-
-    def setup(self, worker) -> None:
-        get_backbone(self.key)
 
 
 def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: ModelKey,

@@ -63,9 +63,11 @@ class _Reporter(Callback):
 
 
 def run_tasks(tasks: Sequence[dask.delayed], plan: Plan, on_result: Callable[[Any], None],
-              on_error: Callable[[int, BaseException], None], plugin: Any = None) -> None:
+              on_error: Callable[[int, BaseException], None],
+              warm: tuple[Callable[[Any], Any], Any] | None = None) -> None:
     """Compute every task; ``on_result(result)`` as each ends, ``on_error(i, exc)`` if a task
-    itself died (a killed worker, say)."""
+    itself died (a killed worker, say). ``warm = (loader, key)`` loads the model in each
+    dask.distributed worker as it starts (local schedulers load it on first use)."""
     if not tasks:
         return
     if plan.scheduler in LOCAL_SCHEDULERS:
@@ -73,10 +75,10 @@ def run_tasks(tasks: Sequence[dask.delayed], plan: Plan, on_result: Callable[[An
         with _Reporter(keys, on_result), dask.config.set({"multiprocessing.context": "spawn"}):
             dask.compute(*tasks, scheduler=plan.scheduler, num_workers=plan.workers)
         return
-    _run_distributed(tasks, plan, on_result, on_error, plugin)
+    _run_distributed(tasks, plan, on_result, on_error, warm)
 
 
-def _run_distributed(tasks, plan: Plan, on_result, on_error, plugin) -> None:
+def _run_distributed(tasks, plan: Plan, on_result, on_error, warm) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     if plan.scheduler == "distributed":
@@ -86,8 +88,10 @@ def _run_distributed(tasks, plan: Plan, on_result, on_error, plugin) -> None:
     else:
         cluster, client = None, Client(plan.scheduler)
     try:
-        if plugin is not None:
-            client.register_plugin(plugin)
+        if warm is not None:
+            from multigrounding.pipeline.warmup import WarmModel
+
+            client.register_plugin(WarmModel(*warm))
         futures = client.compute(list(tasks))
         index = {future.key: i for i, future in enumerate(futures)}
         for future in as_completed(futures):

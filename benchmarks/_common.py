@@ -1,0 +1,60 @@
+"""Small helpers shared by the benchmark scripts: statistics, tables, verdicts, machine facts.
+
+Every figure the scripts report is a ratio of two measurements taken side by side in the same
+run (alternated, repeated); the median and the spread (min..max) of the repeats are printed,
+never an absolute timing compared with a constant.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from typing import Sequence
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_line() -> str:
+    """One line saying where and when the figures were measured."""
+    import torch
+
+    gpu = "GPU " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = "load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    return (f"{datetime.datetime.now().isoformat(timespec='minutes')}  {platform.machine()}, "
+            f"{cores()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"python {platform.python_version()}; {load}")
+
+
+class Stat:
+    """Median and spread of repeated measurements."""
+
+    def __init__(self, values: Sequence[float]):
+        self.values = list(values)
+        self.median = statistics.median(self.values)
+        self.low = min(self.values)
+        self.high = max(self.values)
+
+    def fmt(self, spec: str = ".3g", unit: str = "") -> str:
+        med = format(self.median, spec)
+        if len(self.values) == 1:
+            return f"{med}{unit}"
+        return f"{med}{unit} [{format(self.low, spec)}..{format(self.high, spec)}]"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table (also valid Markdown)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def verdict(what: str, stat: Stat, target: str, ok: bool) -> str:
+    """One line: MET / MISSED, the measured median and spread, and the target."""
+    return (f"{'MET   ' if ok else 'MISSED'}  {what}: median {stat.fmt('.3f')} "
+            f"(target {target})")

@@ -1,0 +1,256 @@
+"""Extraction throughput: the whole pipeline over the bare backbone forward, side by side.
+
+Pipeline = ``extract_images`` (decode → backbone → resize to the grid → float16 → zstd zarr
+write, one task per shard) with the ``synchronous`` (default) or ``threads`` scheduler and one
+worker, so torch gets every core. Bare = ``Backbone.forward`` of the same model object on the
+same images, decoded beforehand and held in memory, in batches of the same size, with the same
+torch threads. The two are alternated (pipeline first on even repeats, bare first on odd ones)
+and the ratio pipeline images/s ÷ bare images/s is taken per repeat; the table shows the median
+and the spread (min..max). Target: ratio ≥ 0.85.
+
+The wall time of the pipeline is the whole ``extract_images`` call (manifest, fingerprint, store
+creation and the final size walk included); the summary's per-stage seconds split it into read
+(waiting for decoded images), compute (forward + float16 copy), write (zarr) and other.
+
+It also prints the zstd compression ratio of the store (raw float16 bytes ÷ bytes on disk) for
+efficientnet_lite0 with its real ImageNet weights, on real photos (scikit-image's bundled photos
+written as JPEG files, plus the COCO image in shared/data) and on the synthetic images.
+
+Defaults run in a few minutes on 2 cores:
+    python benchmarks/bench_extract_throughput.py
+Bigger:
+    python benchmarks/bench_extract_throughput.py --effnet-images 256 --vgg-images 64 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Stat, machine_line, table, verdict  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_IMAGE = REPO.parent / "shared" / "data" / "coco-39769" / "000000039769.png"
+SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "motorcycle_right")
+TARGET = 0.85
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbones", default="efficientnet_lite0,vgg16",
+                   help="comma-separated (default: %(default)s)")
+    p.add_argument("--effnet-images", type=int, default=64, help="synthetic images for efficientnet_lite0")
+    p.add_argument("--vgg-images", type=int, default=16, help="synthetic images for vgg16")
+    p.add_argument("--effnet-weights", default="imagenet")
+    p.add_argument("--vgg-weights", default="random",
+                   help="random: no ImageNet file here; the compute is the same")
+    p.add_argument("--image-size", type=int, default=256, help="side of the synthetic images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=128)
+    p.add_argument("--scheduler", default="synchronous", choices=("synchronous", "threads"))
+    p.add_argument("--repeats", type=int, default=3, help="pipeline/bare pairs per backbone")
+    p.add_argument("--no-compression", action="store_true", help="skip the compression figures")
+    p.add_argument("--workdir", type=Path, help="keep the data and stores here (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- data
+
+def synth_manifest(root: Path, images: int, size: int) -> Path:
+    """A manifest of the first ``images`` synthetic images (generated once, the largest count)."""
+    from multigrounding.datasets.synth import generate_synth
+
+    full = root / "synth"
+    manifest = full / "manifest.jsonl"
+    have = len(manifest.read_text().splitlines()) if manifest.is_file() else 0
+    if have < images:
+        generate_synth(full, images, seed=0, size=size)
+    lines = manifest.read_text().splitlines()[:images]
+    prefix = full / f"manifest-{images}.jsonl"   # same folder: the relative image paths hold
+    prefix.write_text("\n".join(lines) + "\n")
+    return prefix
+
+
+def photo_manifest(root: Path) -> tuple[Path, list[str]]:
+    """scikit-image's bundled photos as JPEG files plus the COCO image, as a manifest."""
+    import skimage.data
+    from PIL import Image
+
+    folder = root / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    records, names = [], []
+    for name in SKIMAGE_PHOTOS:
+        loader = getattr(skimage.data, name, None)
+        if loader is None:
+            continue
+        try:
+            pixels = loader()
+        except Exception as exc:  # noqa: BLE001 — a photo that would need a download
+            print(f"  (skimage.data.{name} unavailable: {type(exc).__name__})")
+            continue
+        Image.fromarray(pixels).convert("RGB").save(folder / f"{name}.jpg", quality=90)
+        records.append({"id": name, "image": f"{name}.jpg", "captions": [name]})
+        names.append(f"{name} {pixels.shape[1]}x{pixels.shape[0]}")
+    if COCO_IMAGE.is_file():
+        shutil.copyfile(COCO_IMAGE, folder / COCO_IMAGE.name)
+        records.append({"id": "coco-39769", "image": COCO_IMAGE.name, "captions": ["two cats"]})
+        names.append("coco-39769 640x480 (PNG)")
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return manifest, names
+
+
+# --------------------------------------------------------------------------- measurements
+
+def run_pipeline(manifest: Path, cache: Path, args, backbone: str, weights: str):
+    from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+
+    if cache.exists():
+        shutil.rmtree(cache)
+    job = ImageExtraction(manifest=manifest, cache=cache, backbone=backbone, weights=weights,
+                          seed=0, shard_size=args.shard_size, batch_size=args.batch_size,
+                          device="cpu", scheduler=args.scheduler, workers=1)
+    started = time.perf_counter()
+    summary = extract_images(job)
+    seconds = time.perf_counter() - started
+    if not summary.ok:
+        raise RuntimeError(f"extraction failed: {summary.failed_images[:3]} {summary.failed_shards}")
+    return seconds, summary
+
+
+def run_bare(model, decoded: np.ndarray, batch_size: int) -> float:
+    import torch
+
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(decoded), batch_size):
+            model(torch.from_numpy(decoded[start:start + batch_size]))
+    return time.perf_counter() - started
+
+
+def compression(cache: Path) -> tuple[float, list[float], int, int]:
+    """(overall, per level) raw float16 bytes ÷ bytes on disk of the visual levels."""
+    from multigrounding.cache.image_store import ImageFeatureStore
+
+    store = ImageFeatureStore.open(cache)
+    per_level, raw_total, disk_total = [], 0, 0
+    for k, level in enumerate(store.levels):
+        raw = int(np.prod(level.shape)) * 2
+        disk = sum(p.stat().st_size for p in (cache / "visual" / f"level{k}").rglob("*") if p.is_file())
+        per_level.append(raw / disk)
+        raw_total += raw
+        disk_total += disk
+    return raw_total / disk_total, per_level, raw_total, disk_total
+
+
+def bench_backbone(name: str, weights: str, images: int, root: Path, args) -> dict:
+    import torch
+
+    from multigrounding.datasets.images import load_rgb
+    from multigrounding.datasets.manifest import read_manifest
+    from multigrounding.pipeline.image_task import ModelKey, get_backbone
+    from multigrounding.pipeline.scheduler import plan_workers
+
+    manifest = synth_manifest(root, images, args.image_size)
+    plan = plan_workers(args.scheduler, 1, "cpu")
+    model = get_backbone(ModelKey(name, weights, 0, "cpu", plan.torch_threads))  # the pipeline's own
+    size = model.spec.input_size
+    paths = [r.image for r in read_manifest(manifest)]
+    decoded = np.stack([load_rgb(p, size)[0] for p in paths])
+    print(f"\n== {name} (weights {weights}), {images} synthetic {args.image_size}px images, "
+          f"batch {args.batch_size}, scheduler {args.scheduler}, 1 worker, "
+          f"{torch.get_num_threads()} torch threads")
+    # warm-up: the first forward and the first zarr write pay one-off costs
+    run_bare(model, decoded[:args.batch_size], args.batch_size)
+    run_pipeline(synth_manifest(root, min(images, args.batch_size), args.image_size),
+                 root / f"warmup-{name}", args, name, weights)
+
+    rows, ratios, pipe_rates, bare_rates, stages = [], [], [], [], []
+    cache = root / f"cache-{name}"
+    for r in range(args.repeats):
+        order = ("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")
+        for which in order:
+            if which == "pipeline":
+                pipe_s, summary = run_pipeline(manifest, cache, args, name, weights)
+            else:
+                bare_s = run_bare(model, decoded, args.batch_size)
+        other = pipe_s - summary.read_seconds - summary.compute_seconds - summary.write_seconds
+        stages.append((summary.read_seconds, summary.compute_seconds, summary.write_seconds, other))
+        ratio = bare_s / pipe_s
+        ratios.append(ratio)
+        pipe_rates.append(images / pipe_s)
+        bare_rates.append(images / bare_s)
+        rows.append([r + 1, "->".join(order), f"{images / pipe_s:.2f}", f"{images / bare_s:.2f}",
+                     f"{ratio:.3f}", f"{summary.read_seconds:.2f}", f"{summary.compute_seconds:.2f}",
+                     f"{summary.write_seconds:.2f}", f"{other:.2f}", f"{bare_s:.2f}"])
+    print(table(["rep", "order", "pipeline img/s", "bare img/s", "ratio", "read s", "compute s",
+                 "write s", "other s", "bare s"], rows))
+    result = {"name": name, "weights": weights, "images": images, "ratio": Stat(ratios),
+              "pipeline": Stat(pipe_rates), "bare": Stat(bare_rates), "cache": cache,
+              "stages": [Stat(col) for col in zip(*stages)]}
+    print(verdict(f"{name} pipeline/bare throughput", result["ratio"], f">= {TARGET}",
+                  result["ratio"].median >= TARGET))
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    print("bench_extract_throughput:", machine_line())
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        results = []
+        for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+            if name == "efficientnet_lite0":
+                results.append(bench_backbone(name, args.effnet_weights, args.effnet_images, root, args))
+            elif name == "vgg16":
+                results.append(bench_backbone(name, args.vgg_weights, args.vgg_images, root, args))
+            else:
+                results.append(bench_backbone(name, "random", args.vgg_images, root, args))
+
+        print(f"\n== throughput summary (median [min..max] of {args.repeats} alternated repeats)")
+        print(table(["backbone", "weights", "images", "pipeline img/s", "bare img/s",
+                     "pipeline/bare", "target"],
+                    [[r["name"], r["weights"], r["images"], r["pipeline"].fmt(".2f"),
+                      r["bare"].fmt(".2f"), r["ratio"].fmt(".3f"), f">= {TARGET}"] for r in results]))
+        print(table(["backbone", "read s", "compute s", "write s", "other s"],
+                    [[r["name"]] + [s.fmt(".2f") for s in r["stages"]] for r in results]))
+        for r in results:
+            print(verdict(f"{r['name']} pipeline/bare throughput", r["ratio"], f">= {TARGET}",
+                          r["ratio"].median >= TARGET))
+
+        if not args.no_compression:
+            print("\n== zstd compression of the visual levels (raw float16 bytes / bytes on disk)")
+            rows = []
+            manifest, names = photo_manifest(root)
+            print("  photos:", ", ".join(names))
+            photo_cache = root / "cache-photos"
+            run_pipeline(manifest, photo_cache, args, "efficientnet_lite0", args.effnet_weights)
+            sources = [(f"efficientnet_lite0 {args.effnet_weights}", f"real photos ({len(names)})",
+                        photo_cache)]
+            for r in results:
+                sources.append((f"{r['name']} {r['weights']}", f"synth {args.image_size}px ({r['images']})",
+                                r["cache"]))
+            for label, data, cache in sources:
+                overall, per_level, raw, disk = compression(cache)
+                rows.append([label, data, f"{raw / 1e6:.1f}", f"{disk / 1e6:.1f}", f"{overall:.2f}x",
+                             " / ".join(f"{x:.2f}" for x in per_level)])
+            print(table(["backbone weights", "images", "raw MB", "disk MB", "ratio", "per level"], rows))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
