@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from multigrounding.cache.store import Header, prepare_store, read_header
+from multigrounding.cache.store import Header, ShardedStore
 
 KIND = "images"
 PENDING, OK, FAILED = 0, 1, 2
@@ -34,46 +34,25 @@ class LevelShape:
     channels: int
 
 
-class ImageFeatureStore:
-    """Reading and writing one visual feature store (see the module docstring for the layout)."""
+class ImageFeatureStore(ShardedStore):
+    """Reading and writing one visual feature store (see the module docstring for the layout).
+
+    ``create_or_resume(path, config, ids)`` takes the manifest ids as its layout."""
+
+    KIND = KIND
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
-        self.path = Path(path)
-        self.group = group
-        self.header = header
-        self.config = header.config
-        self.shard_size = int(self.config["shard_size"])
+        self.levels = [group[f"visual/level{k}"] for k in range(len(header.config["levels"]))]
+        super().__init__(path, group, header)
+        self.num_images = self.num_items
         self.grid = int(self.config["grid"])
-        self.levels = [group[f"visual/level{k}"] for k in range(len(self.config["levels"]))]
-        self.num_images = self.levels[0].shape[0]
-        self.num_shards = -(-self.num_images // self.shard_size)
 
-    # ------------------------------------------------------------------ creation and opening
-    @classmethod
-    def create_or_resume(cls, path: str | Path, config: dict, ids: list[str],
-                         overwrite: bool = False) -> tuple["ImageFeatureStore", bool]:
-        """Driver side: a new store for ``config`` (arrays allocated, nothing computed) or the
-        matching existing one. Returns (store, resumed)."""
-        group, header, resumed = prepare_store(path, KIND, config, overwrite)
-        if not resumed:
-            _allocate(group, config, ids)
-        return cls(path, group, header), resumed
+    def _count_items(self) -> int:
+        return self.levels[0].shape[0]
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "ImageFeatureStore":
-        """Open an existing store: ``r`` to read, ``r+`` for a worker writing its shards."""
-        group, header = read_header(path, KIND)
-        if mode != "r":
-            group = zarr.open_group(str(path), mode=mode)
-        return cls(path, group, header)
-
-    # ------------------------------------------------------------------ shards
-    def shard_slice(self, shard: int) -> slice:
-        start = shard * self.shard_size
-        return slice(start, min(start + self.shard_size, self.num_images))
-
-    def done_shards(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+    def _allocate(cls, group: zarr.Group, config: dict, ids: list[str]) -> None:
+        _allocate(group, config, ids)
 
     def write_shard(self, shard: int, features: list[np.ndarray], status: np.ndarray,
                     failures: list[str], sizes: np.ndarray) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import filelock
+import numpy as np
 import zarr
 
 from multigrounding.cache.fingerprint import config_differences, fingerprint
@@ -140,6 +141,53 @@ def remove_stale_partials(path: str | Path) -> int:
         partial.unlink(missing_ok=True)
         count += 1
     return count
+
+
+class ShardedStore:
+    """What the visual and the text stores share: a header, shards of ``shard_size`` items,
+    and a ``done`` flag per shard. Subclasses set KIND, ``num_items`` and ``_allocate``."""
+
+    KIND = ""
+
+    def __init__(self, path: str | Path, group: zarr.Group, header: Header):
+        self.path = Path(path)
+        self.group = group
+        self.header = header
+        self.config = header.config
+        self.shard_size = int(self.config["shard_size"])
+        self.num_items = self._count_items()
+        self.num_shards = -(-self.num_items // self.shard_size)
+
+    def _count_items(self) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def _allocate(cls, group: zarr.Group, config: dict, layout) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def create_or_resume(cls, path: str | Path, config: dict, layout, overwrite: bool = False):
+        """Driver side: a new store for ``config`` (arrays allocated from ``layout``, nothing
+        computed) or the matching existing one. Returns (store, resumed)."""
+        group, header, resumed = prepare_store(path, cls.KIND, config, overwrite)
+        if not resumed:
+            cls._allocate(group, config, layout)
+        return cls(path, group, header), resumed
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r"):
+        """Open an existing store: ``r`` to read, ``r+`` for a worker writing its shards."""
+        group, header = read_header(path, cls.KIND)
+        if mode != "r":
+            group = zarr.open_group(str(path), mode=mode)
+        return cls(path, group, header)
+
+    def shard_slice(self, shard: int) -> slice:
+        start = shard * self.shard_size
+        return slice(start, min(start + self.shard_size, self.num_items))
+
+    def done_shards(self) -> np.ndarray:
+        return self.group["done"][:].astype(bool)
 
 
 def store_bytes(path: str | Path) -> int:

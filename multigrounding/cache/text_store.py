@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from multigrounding.cache.store import Header, prepare_store, read_header
+from multigrounding.cache.store import Header, ShardedStore
 
 KIND = "text"
 
@@ -58,41 +58,25 @@ class TextLayout:
         self.total_tokens = base
 
 
-class TextFeatureStore:
-    """Reading and writing one text feature store (see the module docstring for the layout)."""
+class TextFeatureStore(ShardedStore):
+    """Reading and writing one text feature store (see the module docstring for the layout).
+
+    ``create_or_resume(path, config, layout)`` takes a TextLayout."""
+
+    KIND = KIND
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
-        self.path = Path(path)
-        self.group = group
-        self.header = header
-        self.config = header.config
-        self.shard_size = int(self.config["shard_size"])
-        self.num_sequences = group["captions/start"].shape[0]
-        self.num_shards = -(-self.num_sequences // self.shard_size)
+        super().__init__(path, group, header)
+        self.num_sequences = self.num_items
         self.tokens = group["tokens"]
         self.sentence = group["sentence"]
 
-    @classmethod
-    def create_or_resume(cls, path: str | Path, config: dict, layout: TextLayout,
-                         overwrite: bool = False) -> tuple["TextFeatureStore", bool]:
-        group, header, resumed = prepare_store(path, KIND, config, overwrite)
-        if not resumed:
-            _allocate(group, config, layout)
-        return cls(path, group, header), resumed
+    def _count_items(self) -> int:
+        return self.group["captions/start"].shape[0]
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "TextFeatureStore":
-        group, header = read_header(path, KIND)
-        if mode != "r":
-            group = zarr.open_group(str(path), mode=mode)
-        return cls(path, group, header)
-
-    def shard_slice(self, shard: int) -> slice:
-        start = shard * self.shard_size
-        return slice(start, min(start + self.shard_size, self.num_sequences))
-
-    def done_shards(self) -> np.ndarray:
-        return self.group["done"][:].astype(bool)
+    def _allocate(cls, group: zarr.Group, config: dict, layout: TextLayout) -> None:
+        _allocate(group, config, layout)
 
     def write_shard(self, shard: int, tokens: np.ndarray, words: list[str],
                     sentence: np.ndarray) -> None:
