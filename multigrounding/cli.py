@@ -43,8 +43,8 @@ def main(verbose: int) -> None:
       multigrounding datasets synth data/synth --images 200 --seed 0
       multigrounding datasets validate data/synth/manifest.jsonl
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.group(cls=_Group)

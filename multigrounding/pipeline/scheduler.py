@@ -78,9 +78,18 @@ def run_tasks(tasks: Sequence[dask.delayed], plan: Plan, on_result: Callable[[An
     _run_distributed(tasks, plan, on_result, on_error, warm)
 
 
+def _quiet_distributed() -> None:
+    """distributed sets its loggers to INFO on import; follow the root level instead."""
+    root = logging.getLogger().getEffectiveLevel()
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(root)
+
+
 def _run_distributed(tasks, plan: Plan, on_result, on_error, warm) -> None:
     from distributed import Client, LocalCluster, as_completed
 
+    _quiet_distributed()
     if plan.scheduler == "distributed":
         cluster = LocalCluster(n_workers=plan.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
