@@ -5,6 +5,7 @@ exit status 1 (2 for a wrong command line), never a traceback.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from contextlib import contextmanager
@@ -353,6 +354,75 @@ def _echo_extraction(summary, show: int) -> None:
                f"{summary.seconds:.1f} s ({rate:.1f} images/s), {summary.bytes / 1e6:.1f} MB on disk")
     click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
                f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
+
+
+@main.command("train")
+@click.option("--images", type=click.Path(file_okay=False), help="Visual feature store of the training set.")
+@click.option("--text", type=click.Path(file_okay=False), help="Text feature store of the same manifest.")
+@click.option("--out", type=click.Path(file_okay=False), help="The run directory to write.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory exactly where it stopped.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A JSON config (as the run's config.json); options given here override it.")
+@click.option("--val-images", type=click.Path(file_okay=False))
+@click.option("--val-text", type=click.Path(file_okay=False))
+@click.option("--val-manifest", type=click.Path(dir_okay=False),
+              help="With --val-images/--val-text: pointing accuracy each epoch, best.pt kept.")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2))
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--lr-milestones", help="Comma-separated epochs at whose start lr halves [default: 10,15 of 20, scaled].")
+@click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=1), help="The common space D.")
+@click.option("--levels", help="Comma-separated cached levels to use (e.g. 3: one fixed level) [default: all].")
+@click.option("--linear-visual", is_flag=True, help="Ablation: linear visual mapping.")
+@click.option("--linear-text", is_flag=True, help="Ablation: linear text mappings.")
+@click.option("--heatmap", type=click.Choice(["relu", "softmax"]), default="relu", show_default=True)
+@click.option("--loss-terms", type=click.Choice(["both", "word", "sentence"]), default="both", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.pass_context
+def train_command(ctx, images, text, out, resume_dir, config_file, **options) -> None:
+    """Train the mapping heads from cached features (METHOD.md is the specification).
+
+    The run directory gets config.json, last.pt (and best.pt with validation), metrics.jsonl
+    and loss.png. Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+
+    \b
+    Examples:
+      multigrounding train --images cache/train-images --text cache/train-text --out runs/exp1
+      multigrounding train --resume runs/exp1
+    """
+    from multigrounding.heads.trainer import TrainConfig, load_run_config, train
+
+    if resume_dir:
+        config = load_run_config(resume_dir)
+    else:
+        data = {}
+        if config_file:
+            data = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        for name, value in options.items():
+            explicit = ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+            if explicit or name not in data:
+                data[name] = value
+        for name, value in (("images", images), ("text", text), ("out", out)):
+            if value is not None or name not in data:
+                data[name] = value
+        for name in ("lr_milestones", "levels"):
+            if isinstance(data.get(name), str):
+                data[name] = [int(v) for v in data[name].split(",") if v.strip()]
+        missing = [f"--{n}" for n in ("images", "text", "out") if not data.get(n)]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or --resume RUN)")
+        config = TrainConfig.from_dict(data, config_file or "options")
+    with tqdm(unit=" steps", file=sys.stderr, dynamic_ncols=True, disable=None, leave=False) as bar:
+        def update(metrics: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=metrics["epoch"], loss=f"{metrics['loss']:.3f}",
+                            pairs_s=f"{metrics['pairs_per_second']:.0f}")
+        summary = train(config, resume=bool(resume_dir), progress=update)
+    best = f", best val pointing accuracy {summary.best_accuracy:.3f}" if summary.best_accuracy is not None else ""
+    click.echo(f"{summary.out}: {summary.epochs} epochs, {summary.steps} steps, final loss "
+               f"{summary.final_loss:.4f}{best}; {summary.seconds:.1f} s")
 
 
 @main.group(cls=_Group)

@@ -13,6 +13,7 @@ import numpy as np
 import tensorstore as ts
 
 from multigrounding.cache.image_store import ImageFeatureStore
+from multigrounding.cache.text_store import TextFeatureStore
 
 
 def open_tensorstore(array_path: str | Path) -> ts.TensorStore:
@@ -39,3 +40,37 @@ class VisualBatchReader:
                              f"{index.min()}..{index.max()}")
         futures = [level[index].read() for level in self.levels]
         return [future.result() for future in futures]
+
+
+class TextBatchReader:
+    """``reader.read(rows)`` → padded word layers, mask and sentence vectors of those sequences.
+
+    A sequence's words are contiguous rows of the flat ``tokens`` array, so a batch is one
+    indexed tensorstore read of all their rows, then padded to the longest sequence.
+    """
+
+    def __init__(self, path: str | Path):
+        self.store = TextFeatureStore.open(path)
+        group = self.store.group
+        self.start = group["captions/start"][:]
+        self.length = group["captions/length"][:].astype(np.int64)
+        self.tokens = open_tensorstore(Path(path) / "tokens")
+        self.sentence = open_tensorstore(Path(path) / "sentence")
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def read(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens [B, T, layers, dim] float16 zero-padded, mask [B, T] bool, sentence [B, S, dim])."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.length[rows]
+        index = np.concatenate([np.arange(self.start[r], self.start[r] + n)
+                                for r, n in zip(rows, lengths)]) if len(rows) else np.zeros(0, np.int64)
+        tokens_future = self.tokens[index].read()
+        sentence_future = self.sentence[rows].read()
+        flat = tokens_future.result()
+        width = int(lengths.max()) if len(rows) else 0
+        mask = np.arange(width)[None, :] < lengths[:, None]
+        tokens = np.zeros((len(rows), width) + flat.shape[1:], dtype=flat.dtype)
+        tokens[mask] = flat
+        return tokens, mask, sentence_future.result()

@@ -1,0 +1,73 @@
+"""The pointing game and attention correctness on single heatmaps (METHOD.md, "Test-time
+heatmaps and metrics"): phrase maps from word maps, bilinear resize to the original image,
+argmax, hit if inside any box (borders included), and which phrases are skipped and why."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from multigrounding.datasets.records import NOBOX, NOTVISUAL, SCENE, Phrase
+
+MIN_UNION_FRACTION = 0.05
+SKIPPED_TYPES = (NOTVISUAL, SCENE, NOBOX)
+
+
+def skip_reason(phrase: Phrase, width: int, height: int) -> str | None:
+    """Why a phrase is not scored (notvisual, no box, union box < 5% of the image), or None."""
+    if phrase.type in SKIPPED_TYPES:
+        return phrase.type
+    if not phrase.boxes:
+        return "no box"
+    boxes = np.asarray(phrase.boxes, dtype=np.float64)
+    union = (boxes[:, 2].max() - boxes[:, 0].min()) * (boxes[:, 3].max() - boxes[:, 1].min())
+    if union < MIN_UNION_FRACTION * width * height:
+        return "small"
+    return None
+
+
+def phrase_map(word_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """The phrase heatmap: its words' maps [W, M, M] averaged with weights R_t; None if all 0."""
+    total = weights.sum()
+    if not bool(total > 0):
+        return None
+    return (word_maps * weights[:, None, None]).sum(0) / total
+
+
+def resize_to_image(heatmap: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Bilinear resize of an [M, M] map to [height, width] (cell centres, align_corners=False)."""
+    return F.interpolate(heatmap[None, None].float(), size=(height, width), mode="bilinear",
+                         align_corners=False)[0, 0]
+
+
+def point(heatmap: torch.Tensor | None, width: int, height: int) -> tuple[int, int] | None:
+    """The (x, y) pixel the heatmap points at in the original image; None for no heatmap or an
+    all-zero one (a miss)."""
+    if heatmap is None or not bool((heatmap > 0).any()):
+        return None
+    full = resize_to_image(heatmap, width, height)
+    index = int(torch.argmax(full))
+    return index % width, index // width
+
+
+def is_hit(xy: tuple[int, int] | None, boxes: list[list[float]]) -> bool:
+    """Inside any box, borders included, in original pixel coordinates; no tolerance."""
+    if xy is None:
+        return False
+    x, y = xy
+    return any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes)
+
+
+def attention_correctness(heatmap: torch.Tensor | None, boxes: list[list[float]], width: int,
+                          height: int) -> float:
+    """The share of the heatmap's mass (resized, normalised to sum 1) inside the boxes."""
+    if heatmap is None:
+        return 0.0
+    full = resize_to_image(heatmap, width, height).clamp(min=0)
+    total = float(full.sum())
+    if total <= 0:
+        return 0.0
+    inside = torch.zeros(height, width, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        inside[int(np.ceil(y0)):int(np.floor(y1)) + 1, int(np.ceil(x0)):int(np.floor(x1)) + 1] = True
+    return float(full[inside].sum()) / total

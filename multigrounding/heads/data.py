@@ -1,0 +1,132 @@
+"""Training batches from the two feature stores: matched image–caption pairs, read ahead.
+
+A batch is B distinct images, each with one of its captions drawn at random (METHOD.md,
+"Training"). The draw depends only on (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted one would. A background thread reads the next batches while the model computes.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from multigrounding.cache.image_store import OK
+from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
+from multigrounding.cache.store import CacheIncompleteError, CacheMismatchError
+
+
+@dataclass
+class Batch:
+    image_rows: np.ndarray
+    caption_rows: np.ndarray
+    visual: list[np.ndarray]      # per level [B, M, M, C_k] float16
+    tokens: np.ndarray            # [B, T, layers, dim] float16
+    mask: np.ndarray              # [B, T] bool
+    sentence: np.ndarray          # [B, S, dim] float16
+
+
+class PairedCaches:
+    """An image store and a text store of the same manifest, both complete, and which captions
+    belong to which usable image (failed images and images without captions are left out)."""
+
+    def __init__(self, images: str | Path, text: str | Path):
+        self.visual = VisualBatchReader(images)
+        self.text = TextBatchReader(text)
+        image_store, text_store = self.visual.store, self.text.store
+        for store in (image_store, text_store):
+            missing = int((~store.done_shards()).sum())
+            if missing:
+                raise CacheIncompleteError(f"{store.path}: {missing} of {store.num_shards} shards are "
+                                           "not extracted; run the extract command again to finish")
+        image_sha = image_store.config["manifest"]["sha256"]
+        text_sha = text_store.config["manifest"]["sha256"]
+        if image_sha != text_sha:
+            raise CacheMismatchError(
+                f"{images} and {text} were made for different manifests (sha256 {image_sha[:12]}… "
+                f"vs {text_sha[:12]}…): extract both from the same manifest")
+        group = text_store.group
+        caption_image = group["captions/image"][:]
+        is_caption = group["captions/is_caption"][:].astype(bool)
+        usable = image_store.status() == OK
+        rows = np.flatnonzero(is_caption & usable[caption_image])
+        order = np.argsort(caption_image[rows], kind="stable")
+        rows = rows[order]
+        images, starts = np.unique(caption_image[rows], return_index=True)
+        self.image_rows = images                                  # usable images with captions
+        self.caption_rows = np.split(rows, starts[1:]) if len(rows) else []
+        self.image_config = image_store.config
+        self.text_config = text_store.config
+        self.fingerprints = {"images": image_store.header.fingerprint,
+                             "text": text_store.header.fingerprint}
+
+    def __len__(self) -> int:
+        return len(self.image_rows)
+
+    def read(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> Batch:
+        visual = self.visual.read(image_rows)
+        tokens, mask, sentence = self.text.read(caption_rows)
+        return Batch(image_rows, caption_rows, visual, tokens, mask, sentence)
+
+
+def epoch_pairs(caches: PairedCaches, batch_size: int, seed: int, epoch: int
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The epoch's batches: (image rows, caption rows), ⌊images / B⌋ of them, no image twice."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(caches))
+    choice = rng.random(len(caches))
+    batches = []
+    for first in range(0, len(order) - batch_size + 1, batch_size):
+        picked = order[first:first + batch_size]
+        captions = np.array([caches.caption_rows[i][int(choice[i] * len(caches.caption_rows[i]))]
+                             for i in picked])
+        batches.append((caches.image_rows[picked], captions))
+    return batches
+
+
+class Prefetcher:
+    """Reads batches on a background thread, ``depth`` ahead; yields (batch, seconds waited)."""
+
+    def __init__(self, caches: PairedCaches, pairs: list[tuple[np.ndarray, np.ndarray]],
+                 depth: int = 3):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(caches, pairs), daemon=True)
+        self._thread.start()
+
+    def _run(self, caches: PairedCaches, pairs) -> None:
+        try:
+            for image_rows, caption_rows in pairs:
+                if self._stop.is_set():
+                    return
+                self._put(caches.read(image_rows, caption_rows))
+        except BaseException as exc:  # hand the error to the consumer
+            self._put(exc)
+        self._put(None)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[tuple[Batch, float]]:
+        while True:
+            started = time.perf_counter()
+            item = self._queue.get()
+            waited = time.perf_counter() - started
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item, waited
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

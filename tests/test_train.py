@@ -1,0 +1,125 @@
+"""The trainer end to end on synthetic features: learning, resumption, refusals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from multigrounding.cli import main
+from multigrounding.datasets.synth import generate_synth
+from multigrounding.heads.trainer import TrainConfig, TrainingError, lr_at
+from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+
+
+def make_caches(root: Path, images: int, seed: int) -> dict:
+    generate_synth(root / "data", images, seed=seed, size=96)
+    manifest = root / "data" / "manifest.jsonl"
+    extract_images(ImageExtraction(manifest, root / "images", scheduler="threads", shard_size=32))
+    extract_text(TextExtraction(manifest, root / "text", scheduler="threads", shard_size=256))
+    return {"manifest": manifest, "images": root / "images", "text": root / "text"}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-caches")
+    return {"train": make_caches(root / "train", 64, seed=11), "val": make_caches(root / "val", 16, seed=12)}
+
+
+def args(caches, out, *extra):
+    return ["train", "--images", str(caches["train"]["images"]), "--text", str(caches["train"]["text"]),
+            "--out", str(out), "--dim", "64", "--batch-size", "16", "--seed", "1", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_batch_retrieval_rises_well_above_chance(caches, tmp_path):
+    out = tmp_path / "run"
+    val = caches["val"]
+    result = CliRunner().invoke(main, args(caches, out, "--epochs", "12", "--lr", "3e-3",
+                                           "--val-images", str(val["images"]), "--val-text", str(val["text"]),
+                                           "--val-manifest", str(val["manifest"])))
+    assert result.exit_code == 0, result.output
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert len(rows) == 12 * 4
+    first, last = rows[:4], rows[-4:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "loss") < 0.7 * mean(first, "loss")
+    assert mean(last, "batch_retrieval_accuracy") > 4 / 16   # chance is 1/16
+    for name in ("config.json", "last.pt", "best.pt", "loss.png"):
+        assert (out / name).is_file(), name
+    assert any("val_accuracy" in r for r in metrics(out))
+    assert json.loads((out / "config.json").read_text())["dim"] == 64
+
+
+def test_resume_after_kill_9_gives_the_same_weights(caches, tmp_path):
+    clean = subprocess.run([sys.executable, "-m", "multigrounding",
+                            *args(caches, tmp_path / "clean", "--epochs", "4")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "multigrounding",
+                                *args(caches, killed, "--epochs", "4")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not (killed / "last.pt").exists():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([sys.executable, "-m", "multigrounding", "train", "--resume", str(killed)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    want = torch.load(tmp_path / "clean" / "last.pt", weights_only=False)
+    got = torch.load(killed / "last.pt", weights_only=False)
+    assert got["epoch"] == want["epoch"] == 4
+    for name, tensor in want["model"].items():
+        assert torch.equal(tensor, got["model"][name]), name
+    steps = [r["step"] for r in metrics(killed) if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 17))
+
+
+def test_bad_runs_are_refused_with_a_message(caches, tmp_path):
+    train, val = caches["train"], caches["val"]
+    other = CliRunner().invoke(main, ["train", "--images", str(train["images"]), "--text", str(val["text"]),
+                                      "--out", str(tmp_path / "r")])
+    assert other.exit_code == 1 and "different manifests" in other.output
+    missing = CliRunner().invoke(main, ["train", "--images", str(tmp_path / "nope"), "--text",
+                                        str(train["text"]), "--out", str(tmp_path / "r")])
+    assert missing.exit_code == 1 and "no cache store here" in missing.output
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"images": str(train["images"]), "text": str(train["text"]),
+                                  "out": str(tmp_path / "r"), "learning_rate": 0.1}))
+    unknown = CliRunner().invoke(main, ["train", "--config", str(config)])
+    assert unknown.exit_code == 1 and "unknown key 'learning_rate'" in unknown.output
+    resume = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "empty")])
+    assert resume.exit_code == 1 and "not a run directory" in resume.output
+
+
+def test_half_written_cache_is_refused(caches, tmp_path):
+    import shutil
+
+    from multigrounding.cache.image_store import ImageFeatureStore
+
+    copy = tmp_path / "images"
+    shutil.copytree(caches["train"]["images"], copy)
+    ImageFeatureStore.open(copy, mode="r+").group["done"][0] = 0
+    result = CliRunner().invoke(main, ["train", "--images", str(copy), "--text",
+                                       str(caches["train"]["text"]), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "not extracted" in result.output
+
+
+def test_learning_rate_schedule_halves_at_the_milestones():
+    config = TrainConfig(images="i", text="t", out="o")
+    assert [lr_at(config, e) for e in (0, 8, 9, 13, 14, 19)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
+    scaled = TrainConfig(images="i", text="t", out="o", epochs=4)
+    assert scaled.milestones() == [2, 3]
+    with pytest.raises(TrainingError, match="unknown key 'epoch'"):
+        TrainConfig.from_dict({"images": "i", "text": "t", "out": "o", "epoch": 3})
