@@ -21,6 +21,7 @@ conv2d layers): Glorot-uniform weights and zero biases, for the sentence weighti
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,12 @@ class HeadsConfigError(MultigroundingError, ValueError):
     """A HeadsConfig field is out of range or inconsistent with another."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise HeadsConfigError(f"HeadsConfig.{name} must be a positive integer; got {value!r}")
     return int(value)
 
@@ -47,14 +52,14 @@ def _int_list(name: str, value, what: str) -> list[int]:
     if not value:
         raise HeadsConfigError(f"HeadsConfig.{name} must not be empty")
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, int):
+        if not _is_int(item):
             raise HeadsConfigError(f"HeadsConfig.{name} must be a list of {what}; got {value!r}")
     return [int(item) for item in value]
 
 
 @dataclass
 class HeadsConfig:
-    """Everything that shapes ``GroundingHeads``; a checkpoint stores it (``dataclasses.asdict``)."""
+    """Everything that shapes ``GroundingHeads``; checkpoints store it (``dataclasses.asdict``)."""
 
     visual_channels: list[int]          # C_k of each cached level (e.g. [40, 112, 320, 1280])
     text_layers: int                    # cached layers per word (ELMo 3, MiniLM 7)
@@ -147,7 +152,8 @@ class GroundingHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
         if not isinstance(config, HeadsConfig):
-            raise HeadsConfigError(f"GroundingHeads needs a HeadsConfig; got {type(config).__name__}")
+            raise HeadsConfigError(f"GroundingHeads needs a HeadsConfig; got "
+                                   f"{type(config).__name__}")
         self.config = config
         c = config
         self.visual = nn.ModuleDict({
