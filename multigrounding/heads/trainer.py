@@ -152,6 +152,9 @@ def train(config: TrainConfig, resume: bool = False,
         optimiser.load_state_dict(state["optimiser"])
         epoch, step_in_epoch, step, best = state["epoch"], state["step_in_epoch"], state["step"], state["best"]
         _drop_metrics_after(out, step)  # steps a killed run logged after its last checkpoint
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
     else:
         _start_run_dir(out, config)
     history: list[dict] = []
@@ -201,13 +204,24 @@ def train(config: TrainConfig, resume: bool = False,
     return TrainSummary(out, epoch, step, loss_value, best, time.perf_counter() - started, history)
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device) -> dict:
     heads.train()
-    visual = heads.map_visual([torch.from_numpy(level).to(device).float() for level in batch.visual])
-    words = heads.map_words(torch.from_numpy(batch.tokens).to(device).float())
-    mask = torch.from_numpy(batch.mask).to(device)
-    sentence = heads.map_sentence(torch.from_numpy(batch.sentence).to(device).float())
-    r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1, heatmap=config.heatmap)
+    device = torch.device(device)
+    # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        visual = heads.map_visual([_to_device(level, device).float() for level in batch.visual])
+        words = heads.map_words(_to_device(batch.tokens, device).float())
+        mask = _to_device(batch.mask, device)
+        sentence = heads.map_sentence(_to_device(batch.sentence, device).float())
+        r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1,
+                                heatmap=config.heatmap)
     terms = grounding_loss(r_w, r_s, heads.l2_penalty(), gamma2=config.gamma2,
                            weight_decay=config.weight_decay,
                            use_words=config.loss_terms in ("both", "word"),
@@ -256,6 +270,8 @@ def save_checkpoint(path: Path, heads, optimiser, config: TrainConfig, caches: P
              "heads_config": dataclasses.asdict(heads.config), "config": dataclasses.asdict(config),
              "fingerprints": caches.fingerprints, "epoch": epoch, "step_in_epoch": step_in_epoch,
              "step": step, "best": best, "version": __version__,
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                     "python": random.getstate()},
              "encoder": caches.text_config["encoder"], "backbone": caches.image_config["backbone"],
              "weights": caches.image_config["weights"]}
     with atomic_open(path, "wb") as handle:
