@@ -211,6 +211,20 @@ SCHEDULER_HELP = ("synchronous, threads, processes, distributed (a local dask.di
                   "sized to the machine) or the address of a running scheduler, tcp://host:8786")
 
 
+def _run_options(command):
+    """The options every extraction shares: where it runs and whether it may replace a cache."""
+    for option in reversed([
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (cuda when there is one), cpu, cuda, cuda:1 ..."),
+        click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP),
+        click.option("--workers", type=click.IntRange(min=1),
+                     help="Worker processes/threads [default: cores/4, 1 on GPU]."),
+        click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.group(cls=_Group)
 def extract() -> None:
     """Run the frozen backbone (or text encoder) once over a manifest into a feature cache.
@@ -239,10 +253,7 @@ def extract() -> None:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--shard-size", default=128, show_default=True, type=click.IntRange(min=1),
               help="Images per shard: the unit of work, retry and resumption.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda, cuda:1 ...")
-@click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP)
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes/threads [default: cores/4, 1 on GPU].")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@_run_options
 @click.option("--show", default=20, show_default=True, help="How many failures to print.")
 def extract_images_command(manifest, cache, backbone, weights, seed, batch_size, shard_size, device,
                            scheduler, workers, overwrite, show) -> None:
@@ -285,10 +296,7 @@ def extract_images_command(manifest, cache, backbone, weights, seed, batch_size,
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Sequences per shard: the unit of work, retry and resumption.")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda when there is one), cpu, cuda ...")
-@click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP)
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes/threads [default: cores/4, 1 on GPU].")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@_run_options
 def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, max_words,
                          batch_size, shard_size, device, scheduler, workers, overwrite) -> None:
     """Encode every caption of MANIFEST (and every standalone query phrase) into a text cache.
