@@ -10,7 +10,13 @@ and the spread (min..max). Target: ratio ≥ 0.85.
 
 The wall time of the pipeline is the whole ``extract_images`` call (manifest, fingerprint, store
 creation and the final size walk included); the summary's per-stage seconds split it into read
-(waiting for decoded images), compute (forward + float16 copy), write (zarr) and other.
+(waiting for decoded images), compute (forward + float16 copy), write (zarr) and other. The
+CPU seconds (user + system) each arm costs this process are shown too (bare CPU ÷ arm CPU): on a
+shared machine they say how much work each arm does, where wall time also says how much of the
+machine it got.
+
+``--with-fix`` adds a third arm, the pipeline with the fix proposed in benchmarks/README.md
+patched in for this process only (no package file is changed).
 
 It also prints the zstd compression ratio of the store (raw float16 bytes ÷ bytes on disk) for
 efficientnet_lite0 with its real ImageNet weights, on real photos (scikit-image's bundled photos
@@ -24,13 +30,16 @@ Bigger:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -41,6 +50,16 @@ REPO = Path(__file__).resolve().parents[1]
 COCO_IMAGE = REPO.parent / "shared" / "data" / "coco-39769" / "000000039769.png"
 SKIMAGE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "motorcycle_left", "motorcycle_right")
 TARGET = 0.85
+# The proposed fix, measured by --with-fix (monkeypatched in this process; no package file changes):
+FIXES = {
+    "tswrite": "write the shard's visual levels through tensorstore's zarr3 driver (already used "
+               "for reading; C++, chunks encoded in parallel) instead of zarr-python",
+    "empty": "open the levels with write_empty_chunks=True: zarr otherwise compares every inner "
+             "chunk with the fill value (np.full + array_equal) before writing it",
+    "zstd1": "zstd level 1 instead of 3 for the visual levels",
+    "serial": "decode the next batch before the forward, not on a thread beside it: on CPU the "
+              "decoding thread preempts one of torch's threads and stalls every parallel op",
+}
 
 
 def parse_args(argv=None):
@@ -58,6 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=128)
     p.add_argument("--scheduler", default="synchronous", choices=("synchronous", "threads"))
     p.add_argument("--repeats", type=int, default=3, help="pipeline/bare pairs per backbone")
+    p.add_argument("--with-fix", action="store_true",
+                   help="add a third arm: the pipeline with the proposed fix patched in for this "
+                        "process only (see FIXES)")
+    p.add_argument("--fix-parts", default="tswrite,empty,zstd1",
+                   help="which parts of FIXES the third arm applies, of " + ",".join(FIXES)
+                        + " (default: %(default)s)")
     p.add_argument("--no-compression", action="store_true", help="skip the compression figures")
     p.add_argument("--workdir", type=Path, help="keep the data and stores here (default: a temp dir)")
     return p.parse_args(argv)
@@ -127,6 +152,72 @@ def run_pipeline(manifest: Path, cache: Path, args, backbone: str, weights: str)
     return seconds, summary
 
 
+class _InlineExecutor:
+    """Stands in for ThreadPoolExecutor: runs the call at once (decoding becomes serial)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args, **kwargs):
+        import concurrent.futures
+
+        future = concurrent.futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+@contextlib.contextmanager
+def proposed_fix(parts: set[str]):
+    """The pipeline with the parts of FIXES in ``parts`` patched in, for this process only."""
+    import zarr
+
+    from multigrounding.cache import image_store
+    from multigrounding.pipeline import image_task
+
+    saved = image_store.ZSTD_LEVEL, image_task.concurrent, image_store.ImageFeatureStore.write_shard
+    if "tswrite" in parts:
+        image_store.ImageFeatureStore.write_shard = _tensorstore_write_shard
+    if "zstd1" in parts:
+        image_store.ZSTD_LEVEL = 1
+    if "serial" in parts:
+        image_task.concurrent = SimpleNamespace(futures=SimpleNamespace(ThreadPoolExecutor=_InlineExecutor))
+    try:
+        with zarr.config.set({"array.write_empty_chunks": "empty" in parts}):
+            yield
+    finally:
+        image_store.ZSTD_LEVEL, image_task.concurrent, image_store.ImageFeatureStore.write_shard = saved
+
+
+def _tensorstore_write_shard(self, shard, features, status, failures, sizes):
+    """ImageFeatureStore.write_shard with the visual levels written by tensorstore (all four
+    levels issued at once); the small per-image arrays and the done flag as before, done last."""
+    import tensorstore as ts
+
+    rows = self.shard_slice(shard)
+    futures = []
+    for k, values in enumerate(features):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / "visual" / f"level{k}")}}
+        level = ts.open(spec, write=True).result()
+        futures.append(level[rows.start:rows.stop].write(values))
+    for future in futures:
+        future.result()
+    self.group["status"][rows] = status
+    self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
+    self.group["original_size"][rows] = sizes
+    self.group["done"][shard] = 1
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_bare(model, decoded: np.ndarray, batch_size: int) -> float:
     import torch
 
@@ -174,31 +265,53 @@ def bench_backbone(name: str, weights: str, images: int, root: Path, args) -> di
     run_pipeline(synth_manifest(root, min(images, args.batch_size), args.image_size),
                  root / f"warmup-{name}", args, name, weights)
 
-    rows, ratios, pipe_rates, bare_rates, stages = [], [], [], [], []
+    parts = {p.strip() for p in args.fix_parts.split(",") if p.strip()}
+    arms = ["pipeline", "bare"] + (["fixed"] if args.with_fix else [])
+    seconds = {arm: [] for arm in arms}
+    cpu = {arm: [] for arm in arms}   # user + system CPU seconds of this process during the arm
+    stages = {arm: [] for arm in arms if arm != "bare"}
+    rows = []
     cache = root / f"cache-{name}"
     for r in range(args.repeats):
-        order = ("pipeline", "bare") if r % 2 == 0 else ("bare", "pipeline")
-        for which in order:
-            if which == "pipeline":
-                pipe_s, summary = run_pipeline(manifest, cache, args, name, weights)
-            else:
-                bare_s = run_bare(model, decoded, args.batch_size)
-        other = pipe_s - summary.read_seconds - summary.compute_seconds - summary.write_seconds
-        stages.append((summary.read_seconds, summary.compute_seconds, summary.write_seconds, other))
-        ratio = bare_s / pipe_s
-        ratios.append(ratio)
-        pipe_rates.append(images / pipe_s)
-        bare_rates.append(images / bare_s)
-        rows.append([r + 1, "->".join(order), f"{images / pipe_s:.2f}", f"{images / bare_s:.2f}",
-                     f"{ratio:.3f}", f"{summary.read_seconds:.2f}", f"{summary.compute_seconds:.2f}",
-                     f"{summary.write_seconds:.2f}", f"{other:.2f}", f"{bare_s:.2f}"])
-    print(table(["rep", "order", "pipeline img/s", "bare img/s", "ratio", "read s", "compute s",
-                 "write s", "other s", "bare s"], rows))
-    result = {"name": name, "weights": weights, "images": images, "ratio": Stat(ratios),
-              "pipeline": Stat(pipe_rates), "bare": Stat(bare_rates), "cache": cache,
-              "stages": [Stat(col) for col in zip(*stages)]}
-    print(verdict(f"{name} pipeline/bare throughput", result["ratio"], f">= {TARGET}",
-                  result["ratio"].median >= TARGET))
+        order = arms[r % len(arms):] + arms[:r % len(arms)]   # rotate who goes first
+        if r % 2:
+            order = order[::-1]
+        for arm in order:
+            cpu_before = _cpu_seconds()
+            if arm == "bare":
+                seconds[arm].append(run_bare(model, decoded, args.batch_size))
+                cpu[arm].append(_cpu_seconds() - cpu_before)
+                continue
+            with proposed_fix(parts) if arm == "fixed" else contextlib.nullcontext():
+                wall, summary = run_pipeline(manifest, cache if arm == "pipeline" else root / f"fixed-{name}",
+                                             args, name, weights)
+            cpu[arm].append(_cpu_seconds() - cpu_before)
+            seconds[arm].append(wall)
+            other = wall - summary.read_seconds - summary.compute_seconds - summary.write_seconds
+            stages[arm].append((summary.read_seconds, summary.compute_seconds, summary.write_seconds, other))
+        for arm in arms:
+            if arm == "bare":
+                continue
+            read, compute, write, other = stages[arm][-1]
+            rows.append([r + 1, "->".join(order), arm, f"{images / seconds[arm][-1]:.2f}",
+                         f"{images / seconds['bare'][-1]:.2f}",
+                         f"{seconds['bare'][-1] / seconds[arm][-1]:.3f}", f"{read:.2f}",
+                         f"{compute:.2f}", f"{write:.2f}", f"{other:.2f}", f"{seconds['bare'][-1]:.2f}",
+                         f"{cpu['bare'][-1] / cpu[arm][-1]:.3f}"])
+    print(table(["rep", "order", "arm", "arm img/s", "bare img/s", "arm/bare", "read s", "compute s",
+                 "write s", "other s", "bare s", "CPU s bare/arm"], rows))
+    result = {"name": name, "weights": weights, "images": images, "cache": cache,
+              "bare": Stat([images / s for s in seconds["bare"]]), "arms": {}}
+    for arm in stages:
+        result["arms"][arm] = {
+            "rate": Stat([images / s for s in seconds[arm]]),
+            "ratio": Stat([b / s for b, s in zip(seconds["bare"], seconds[arm])]),
+            "cpu_ratio": Stat([b / s for b, s in zip(cpu["bare"], cpu[arm])]),
+            "stages": [Stat(col) for col in zip(*stages[arm])]}
+    if "fixed" in stages:
+        result["fixed_over_pipeline"] = Stat([p / f for p, f in zip(seconds["pipeline"], seconds["fixed"])])
+    ratio = result["arms"]["pipeline"]["ratio"]
+    print(verdict(f"{name} pipeline/bare throughput", ratio, f">= {TARGET}", ratio.median >= TARGET))
     return result
 
 
@@ -219,15 +332,25 @@ def main(argv=None) -> int:
                 results.append(bench_backbone(name, "random", args.vgg_images, root, args))
 
         print(f"\n== throughput summary (median [min..max] of {args.repeats} alternated repeats)")
-        print(table(["backbone", "weights", "images", "pipeline img/s", "bare img/s",
-                     "pipeline/bare", "target"],
-                    [[r["name"], r["weights"], r["images"], r["pipeline"].fmt(".2f"),
-                      r["bare"].fmt(".2f"), r["ratio"].fmt(".3f"), f">= {TARGET}"] for r in results]))
-        print(table(["backbone", "read s", "compute s", "write s", "other s"],
-                    [[r["name"]] + [s.fmt(".2f") for s in r["stages"]] for r in results]))
+        if args.with_fix:
+            parts = {p.strip() for p in args.fix_parts.split(",") if p.strip()}
+            print("   arm 'fixed' = the pipeline with " + "; ".join(FIXES[p] for p in FIXES if p in parts))
+        print(table(["backbone", "weights", "images", "arm", "arm img/s", "bare img/s", "arm/bare",
+                     "target", "CPU s bare/arm"],
+                    [[r["name"], r["weights"], r["images"], arm, a["rate"].fmt(".2f"), r["bare"].fmt(".2f"),
+                      a["ratio"].fmt(".3f"), f">= {TARGET}", a["cpu_ratio"].fmt(".3f")]
+                     for r in results for arm, a in r["arms"].items()]))
+        print(table(["backbone", "arm", "read s", "compute s", "write s", "other s"],
+                    [[r["name"], arm] + [s.fmt(".2f") for s in a["stages"]]
+                     for r in results for arm, a in r["arms"].items()]))
         for r in results:
-            print(verdict(f"{r['name']} pipeline/bare throughput", r["ratio"], f">= {TARGET}",
-                          r["ratio"].median >= TARGET))
+            ratio = r["arms"]["pipeline"]["ratio"]
+            print(verdict(f"{r['name']} pipeline/bare throughput", ratio, f">= {TARGET}",
+                          ratio.median >= TARGET))
+            if "fixed_over_pipeline" in r:
+                print(f"        {r['name']} with the proposed fix: fixed/bare "
+                      f"{r['arms']['fixed']['ratio'].fmt('.3f')}, speed-up over today's pipeline "
+                      f"{r['fixed_over_pipeline'].fmt('.3f')}")
 
         if not args.no_compression:
             print("\n== zstd compression of the visual levels (raw float16 bytes / bytes on disk)")
@@ -238,9 +361,19 @@ def main(argv=None) -> int:
             run_pipeline(manifest, photo_cache, args, "efficientnet_lite0", args.effnet_weights)
             sources = [(f"efficientnet_lite0 {args.effnet_weights}", f"real photos ({len(names)})",
                         photo_cache)]
+            fixed_zstd = args.with_fix and "zstd1" in args.fix_parts
+            if fixed_zstd:
+                with proposed_fix({"zstd1"}):
+                    run_pipeline(manifest, root / "fixed-photos", args, "efficientnet_lite0",
+                                 args.effnet_weights)
+                sources.append((f"efficientnet_lite0 {args.effnet_weights}, zstd 1",
+                                f"real photos ({len(names)})", root / "fixed-photos"))
             for r in results:
                 sources.append((f"{r['name']} {r['weights']}", f"synth {args.image_size}px ({r['images']})",
                                 r["cache"]))
+                if fixed_zstd:
+                    sources.append((f"{r['name']} {r['weights']}, zstd 1",
+                                    f"synth {args.image_size}px ({r['images']})", root / f"fixed-{r['name']}"))
             for label, data, cache in sources:
                 overall, per_level, raw, disk = compression(cache)
                 rows.append([label, data, f"{raw / 1e6:.1f}", f"{disk / 1e6:.1f}", f"{overall:.2f}x",
