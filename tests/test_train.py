@@ -123,3 +123,29 @@ def test_learning_rate_schedule_halves_at_the_milestones():
     assert scaled.milestones() == [2, 3]
     with pytest.raises(TrainingError, match="unknown key 'epoch'"):
         TrainConfig.from_dict({"images": "i", "text": "t", "out": "o", "epoch": 3})
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_ends_the_same(caches, tmp_path):
+    clean = subprocess.run([sys.executable, "-m", "multigrounding", *args(caches, tmp_path / "clean", "--epochs", "2")],
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    run = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "multigrounding", *args(caches, run, "--epochs", "2")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "Traceback" not in stderr
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert saved["epoch"] * 4 + saved["step_in_epoch"] == saved["step"] >= 2
+    resumed = subprocess.run([sys.executable, "-m", "multigrounding", "train", "--resume", str(run)],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    want = torch.load(tmp_path / "clean" / "last.pt", weights_only=False)["model"]
+    got = torch.load(run / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(want[name], got[name]) for name in want)
