@@ -189,6 +189,10 @@ class ShardedStore:
     def done_shards(self) -> np.ndarray:
         return self.group["done"][:].astype(bool)
 
+    def items_in(self, shards) -> int:
+        """How many items (images, sequences) the given shards hold."""
+        return sum(self.shard_slice(int(s)).stop - self.shard_slice(int(s)).start for s in shards)
+
 
 def store_bytes(path: str | Path) -> int:
     """Bytes on disk under the store."""

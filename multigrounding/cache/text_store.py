@@ -91,8 +91,7 @@ class TextFeatureStore(ShardedStore):
 
     def progress(self) -> dict:
         done = self.done_shards()
-        sequences = sum(self.shard_slice(s).stop - self.shard_slice(s).start
-                        for s in np.flatnonzero(done))
+        sequences = self.items_in(np.flatnonzero(done))
         return {"shards_done": int(done.sum()), "shards": self.num_shards,
                 "sequences_done": int(sequences), "sequences": self.num_sequences,
                 "captions": int(self.group["captions/is_caption"][:].sum()),

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import dask
+import numpy as np
 
 from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
@@ -92,10 +93,9 @@ def extract_images(job: ImageExtraction,
             removed = remove_stale_partials(job.cache)
             log.info("resuming %s (%d stale partial files removed)", job.cache, removed)
         done = store.done_shards()
-        pending = [int(s) for s in (~done).nonzero()[0]]
+        pending = [int(s) for s in np.flatnonzero(~done)]
         summary = ExtractionSummary(job.cache, len(ids), store.num_shards, int(done.sum()))
-        finished = sum(store.shard_slice(s).stop - store.shard_slice(s).start
-                       for s in range(store.num_shards) if done[s])
+        finished = store.items_in(np.flatnonzero(done))
         if progress is not None:
             progress(finished, len(ids))
 

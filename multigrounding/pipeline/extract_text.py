@@ -206,7 +206,7 @@ def extract_text(job: TextExtraction,
         pending = [int(s) for s in np.flatnonzero(~done)]
         summary = TextSummary(job.cache, len(layout.words), int(layout.is_caption.sum()),
                               len(layout.phrases["record"]), store.num_shards, int(done.sum()))
-        finished = len(layout.words) - sum(_count(store.shard_slice(s)) for s in pending)
+        finished = len(layout.words) - store.items_in(pending)
         if progress is not None:
             progress(finished, len(layout.words))
 
@@ -248,10 +248,6 @@ def text_store_config(job: TextExtraction, encoder, layout: TextLayout) -> dict:
         "token_shard": job.token_shard,
         "versions": {"multigrounding": __version__, **package_versions(("torch", "transformers", "h5py"))},
     }
-
-
-def _count(rows: slice) -> int:
-    return rows.stop - rows.start
 
 
 def _str(path) -> str | None:
