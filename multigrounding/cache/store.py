@@ -25,7 +25,7 @@ ATTRIBUTE = "multigrounding"
 LOCK_NAME = ".lock"
 # Config keys (dotted) recorded for the user but not fingerprinted: where a file lies does not
 # shape the numbers (its sha256, which is fingerprinted, does).
-NOT_FINGERPRINTED = ("manifest_path", "encoder.model")
+NOT_FINGERPRINTED = ("manifest_path", "encoder.model", "encoder_files")
 
 
 class CacheError(MultigroundingError, ValueError):

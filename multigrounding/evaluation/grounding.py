@@ -1,13 +1,17 @@
 """Scoring every test phrase once with trained heads, from the feature stores and the manifest.
 
 Flickr30k-style phrases (with ``caption`` and ``start``) take the weighted word heatmaps of their
-words inside the encoded caption; standalone queries (ReferIt, Visual Genome) take the sentence
-heatmap of their own sequence at its best level. Each sequence is grounded once for all its
-phrases.
+words inside the encoded caption (``mode="sentence"``, the default); standalone queries (ReferIt,
+Visual Genome) take the sentence heatmap of their own sequence at its best level. With
+``mode="query"`` every phrase is grounded as a standalone query: its own encoding's sentence
+heatmap (the text store must hold phrases encoded alone: ``extract text --phrases-alone``).
+Each sequence is grounded once for all its phrases, and every caption's sentence-level choice is
+counted for the level-selection rates.
 """
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +22,12 @@ from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheMismatchError
 from multigrounding.cache.fingerprint import file_sha256
 from multigrounding.datasets.manifest import read_manifest
-from multigrounding.evaluation.pointing import attention_correctness, is_hit, phrase_map, point, skip_reason
+from multigrounding.errors import DatasetError, UnknownNameError
+from multigrounding.evaluation.pointing import (attention_correctness, center_hit, is_hit, phrase_map,
+                                                point, random_hit_rate, skip_reason)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
+
+MODES = ("sentence", "query")
 
 
 @dataclass
@@ -29,14 +37,21 @@ class PhraseOutcome:
     category: str
     hit: bool
     correctness: float
-    level: int
+    level: int                      # the level of the phrase's most relevant word (or the query's)
     xy: tuple[int, int] | None
+    center_hit: bool
+    random_hit: float               # expected hit rate of a uniformly random pixel
+    heatmap: np.ndarray | None      # [M, M] float16, what was pointed with (None: all zero)
 
 
 @dataclass
 class PointingResult:
     outcomes: list[PhraseOutcome] = field(default_factory=list)
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    sentence_levels: collections.Counter = field(default_factory=collections.Counter)
+    level_names: list[str] = field(default_factory=list)
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
 
     @property
     def hits(self) -> int:
@@ -46,79 +61,158 @@ class PointingResult:
     def accuracy(self) -> float:
         return self.hits / len(self.outcomes) if self.outcomes else 0.0
 
+    def level_rates(self, levels: list[int]) -> dict[str, float]:
+        counts = collections.Counter(levels)
+        total = sum(counts.values())
+        return {name: counts[k] / total if total else 0.0 for k, name in enumerate(self.level_names)}
+
     def summary(self) -> dict:
-        per_category = collections.defaultdict(list)
+        """Everything metrics.json reports about pointing: accuracy, baselines, levels."""
+        per_category: dict[str, list[PhraseOutcome]] = collections.defaultdict(list)
         for outcome in self.outcomes:
-            per_category[outcome.category].append(outcome.hit)
+            per_category[outcome.category].append(outcome)
+        sentence_levels = [k for k, n in self.sentence_levels.items() for _ in range(n)]
         return {"accuracy": self.accuracy, "hits": self.hits,
-                "misses": len(self.outcomes) - self.hits, "skipped": dict(self.skipped),
-                "attention_correctness": float(np.mean([o.correctness for o in self.outcomes]))
-                if self.outcomes else 0.0,
-                "per_category": {k: float(np.mean(v)) for k, v in sorted(per_category.items())}}
+                "misses": len(self.outcomes) - self.hits,
+                "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped),
+                **_means(self.outcomes),
+                "per_category": {name: {"phrases": len(group), "hits": sum(o.hit for o in group),
+                                        **_means(group)}
+                                 for name, group in sorted(per_category.items())},
+                "level_selection": {
+                    "phrases": self.level_rates([o.level for o in self.outcomes]),
+                    "per_category": {name: self.level_rates([o.level for o in group])
+                                     for name, group in sorted(per_category.items())},
+                    "sentences": self.level_rates(sentence_levels)}}
+
+
+def _means(outcomes: list[PhraseOutcome]) -> dict:
+    if not outcomes:
+        return {"accuracy": 0.0, "attention_correctness": 0.0, "center_baseline": 0.0,
+                "random_baseline": 0.0}
+    return {"accuracy": float(np.mean([o.hit for o in outcomes])),
+            "attention_correctness": float(np.mean([o.correctness for o in outcomes])),
+            "center_baseline": float(np.mean([o.center_hit for o in outcomes])),
+            "random_baseline": float(np.mean([o.random_hit for o in outcomes]))}
+
+
+def phrase_from_words(grounded: dict, b: int, positions: list[int], grid: int
+                      ) -> tuple[torch.Tensor | None, int]:
+    """The phrase heatmap [M, M] of words ``positions`` of sequence ``b`` (``word_grounding``'s
+    output), weighted by their scores R_t, and the level of its most relevant word."""
+    chosen = grounded["level"][b, positions]
+    scores = grounded["score"][b, positions]
+    maps = torch.stack([grounded["heatmaps"][b, t, :, chosen[i]] for i, t in enumerate(positions)])
+    heat = phrase_map(maps.reshape(-1, grid, grid).cpu(), scores.clamp(min=0).cpu())
+    return heat, int(chosen[int(torch.argmax(scores))])
 
 
 @torch.no_grad()
 def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str | Path, *,
-                      device: str = "cpu", batch_size: int = 32, heatmap: str = "relu") -> PointingResult:
-    """Point every scorable phrase of ``manifest`` with ``heads``; skips counted by reason."""
+                      mode: str = "sentence", device: str = "cpu", batch_size: int = 32,
+                      heatmap: str = "relu", keep_heatmaps: bool = False,
+                      progress=None) -> PointingResult:
+    """Point every scorable phrase of ``manifest`` with ``heads``; skips counted by reason.
+
+    ``progress(n)`` is called with the number of sequences grounded after each batch.
+    """
+    if mode not in MODES:
+        raise UnknownNameError("mode", mode, MODES)
     visual, words = VisualBatchReader(images), TextBatchReader(text)
-    _check_same_manifest(manifest, visual.store, words.store)
+    check_same_manifest(manifest, visual.store, words.store)
     records = list(read_manifest(manifest))
     sizes = visual.store.original_sizes()
     status = visual.store.status()
     group = words.store.group
     spans = {name: group[f"phrases/{name}"][:] for name in ("record", "index", "caption", "start", "length")}
+    alone = group["phrases/alone"][:] if "phrases/alone" in group else None
     caption_image = group["captions/image"][:]
-    result = PointingResult()
+    is_caption = group["captions/is_caption"][:].astype(bool)
+    _check_sizes(manifest, records, sizes, status)
+    result = PointingResult(level_names=[lv["name"] for lv in visual.store.config["levels"]])
     by_sequence: dict[int, list[int]] = collections.defaultdict(list)
     for k in range(len(spans["record"])):
-        record = records[spans["record"][k]]
-        phrase = record.phrases[spans["index"][k]]
-        width, height = (int(v) for v in sizes[spans["record"][k]])
-        reason = skip_reason(phrase, width, height) if status[spans["record"][k]] == 1 else "image failed"
+        row = int(spans["record"][k])
+        phrase = records[row].phrases[spans["index"][k]]
+        width, height = (int(v) for v in sizes[row])
+        reason = skip_reason(phrase, width, height) if status[row] == 1 else "image failed"
         if reason:
             result.skipped[reason] += 1
+        elif mode == "query" and phrase.caption is not None:
+            if alone is None or alone[k] < 0:
+                raise CacheMismatchError(
+                    f"{text}: phrase {k} ({' '.join(phrase.words)!r}) was encoded only inside its "
+                    f"caption; --mode query needs every phrase encoded alone: run `multigrounding "
+                    f"extract text --phrases-alone` into a new cache")
+            by_sequence[int(alone[k])].append(k)
         else:
             by_sequence[int(spans["caption"][k])].append(k)
-    sequences = sorted(by_sequence)
+    captions = set(np.flatnonzero(is_caption & (status[caption_image] == 1)).tolist())
+    sequences = sorted(captions | set(by_sequence))
     heads.eval()
     for first in range(0, len(sequences), batch_size):
+        tick = time.perf_counter()
         rows = np.array(sequences[first:first + batch_size])
-        image_rows = caption_image[rows]
         tokens, mask, sentence = words.read(rows)
-        levels = visual.read(image_rows)
+        levels = visual.read(caption_image[rows])
+        tock = time.perf_counter()
         v = heads.map_visual([torch.from_numpy(level).to(device).float() for level in levels])
         s = heads.map_words(torch.from_numpy(tokens).to(device).float())
-        m = torch.from_numpy(mask).to(device)
         sbar = heads.map_sentence(torch.from_numpy(sentence).to(device).float())
-        wg = word_grounding(s, m, v, heatmap=heatmap)
+        wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap)
         sg = sentence_grounding(sbar, v, heatmap=heatmap)
         grid = int(round(v.shape[1] ** 0.5))
-        for b, row in enumerate(rows):
-            for k in by_sequence[int(row)]:
-                record = records[spans["record"][k]]
-                phrase = record.phrases[spans["index"][k]]
-                width, height = (int(x) for x in sizes[spans["record"][k]])
-                if phrase.caption is not None:
-                    positions = range(int(spans["start"][k]), int(spans["start"][k] + spans["length"][k]))
-                    chosen = wg["level"][b, list(positions)]
-                    maps = torch.stack([wg["heatmaps"][b, t, :, chosen[i]] for i, t in enumerate(positions)])
-                    heat = phrase_map(maps.reshape(-1, grid, grid).cpu(), wg["score"][b, list(positions)].clamp(min=0).cpu())
-                    level = int(torch.mode(chosen).values)
+        for b, row in enumerate(rows.tolist()):
+            if row in captions:
+                result.sentence_levels[int(sg["level"][b])] += 1
+            for k in by_sequence.get(row, ()):
+                record = int(spans["record"][k])
+                phrase = records[record].phrases[spans["index"][k]]
+                width, height = (int(x) for x in sizes[record])
+                if phrase.caption is not None and mode == "sentence":
+                    start = int(spans["start"][k])
+                    heat, level = phrase_from_words(wg, b, list(range(start, start + int(spans["length"][k]))), grid)
                 else:
                     level = int(sg["level"][b])
                     heat = sg["heatmaps"][b, :, level].reshape(grid, grid).cpu()
+                    heat = heat if bool((heat > 0).any()) else None
                 xy = point(heat, width, height)
                 result.outcomes.append(PhraseOutcome(
-                    int(spans["record"][k]), int(spans["index"][k]), phrase.category or "(none)",
+                    record, int(spans["index"][k]), phrase.category or "(none)",
                     is_hit(xy, phrase.boxes), attention_correctness(heat, phrase.boxes, width, height),
-                    level, xy))
+                    level, xy, center_hit(phrase.boxes, width, height),
+                    random_hit_rate(phrase.boxes, width, height),
+                    heat.numpy().astype(np.float16) if keep_heatmaps and heat is not None else None))
+        result.read_seconds += tock - tick
+        result.compute_seconds += time.perf_counter() - tock
+        if progress is not None:
+            progress(len(rows))
     return result
 
 
-def _check_same_manifest(manifest, image_store, text_store) -> None:
+def _check_sizes(manifest, records, sizes, status) -> None:
+    """Boxes are in the manifest's pixels and heatmaps are resized to the file's: they must agree."""
+    for row, record in enumerate(records):
+        if status[row] != 1 or record.width is None or record.height is None:
+            continue
+        width, height = (int(v) for v in sizes[row])
+        if (record.width, record.height) != (width, height):
+            raise DatasetError(f"{manifest}: image {record.id}: the manifest says {record.width}x"
+                               f"{record.height} but {record.image} is {width}x{height}; fix the "
+                               f"manifest (`multigrounding datasets validate` finds every such record)")
+
+
+def check_same_manifest(manifest, image_store, text_store) -> None:
+    """Refuse stores made from another manifest, naming ids the stores lack when there are some."""
     sha = file_sha256(manifest)
     for store in (image_store, text_store):
-        if store.config["manifest"]["sha256"] != sha:
-            raise CacheMismatchError(f"{store.path} was not made from {manifest} (its manifest "
-                                     "sha256 differs): evaluate with the stores of that manifest")
+        if store.config["manifest"]["sha256"] == sha:
+            continue
+        known = set(str(i) for i in image_store.ids)
+        absent = [record.id for record in read_manifest(manifest) if record.id not in known]
+        if absent:
+            shown = ", ".join(absent[:5]) + (", ..." if len(absent) > 5 else "")
+            raise CacheMismatchError(f"{manifest}: {len(absent)} image ids are not in {image_store.path} "
+                                     f"({shown}): extract features for this manifest first")
+        raise CacheMismatchError(f"{store.path} was not made from {manifest} (its manifest "
+                                 "sha256 differs): evaluate with the stores of that manifest")

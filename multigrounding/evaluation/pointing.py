@@ -67,7 +67,25 @@ def attention_correctness(heatmap: torch.Tensor | None, boxes: list[list[float]]
     total = float(full.sum())
     if total <= 0:
         return 0.0
-    inside = torch.zeros(height, width, dtype=torch.bool)
+    return float(full[torch.from_numpy(box_mask(boxes, width, height))].sum()) / total
+
+
+def center_hit(boxes: list[list[float]], width: int, height: int) -> bool:
+    """The center baseline: does the image's central pixel lie in a box?"""
+    return is_hit((width // 2, height // 2), boxes)
+
+
+def random_hit_rate(boxes: list[list[float]], width: int, height: int) -> float:
+    """The random-point baseline as its exact expectation: the share of the image's pixels inside
+    any box (borders included), i.e. the hit rate of a uniformly random pixel, without sampling
+    noise."""
+    return float(box_mask(boxes, width, height).mean())
+
+
+def box_mask(boxes: list[list[float]], width: int, height: int) -> np.ndarray:
+    """[height, width] bool: the pixels inside any box, borders included."""
+    inside = np.zeros((height, width), dtype=bool)
     for x0, y0, x1, y1 in boxes:
-        inside[int(np.ceil(y0)):int(np.floor(y1)) + 1, int(np.ceil(x0)):int(np.floor(x1)) + 1] = True
-    return float(full[inside].sum()) / total
+        inside[max(0, int(np.ceil(y0))):int(np.floor(y1)) + 1,
+               max(0, int(np.ceil(x0))):int(np.floor(x1)) + 1] = True
+    return inside

@@ -272,8 +272,7 @@ def save_checkpoint(path: Path, heads, optimiser, config: TrainConfig, caches: P
              "step": step, "best": best, "version": __version__,
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                      "python": random.getstate()},
-             "encoder": caches.text_config["encoder"], "backbone": caches.image_config["backbone"],
-             "weights": caches.image_config["weights"]}
+             "image_config": caches.image_config, "text_config": caches.text_config}
     with atomic_open(path, "wb") as handle:
         torch.save(state, handle)
 
@@ -286,6 +285,39 @@ def load_checkpoint(path: Path, caches: PairedCaches | None = None) -> dict:
         raise TrainingError(f"{path} was trained on other feature stores (fingerprints "
                             f"{state['fingerprints']} vs {caches.fingerprints})")
     return state
+
+
+def checkpoint_path(run: str | Path, checkpoint: str = "best") -> Path:
+    """``best`` (falling back to ``last`` when the run had no validation), ``last``, or a path."""
+    run = Path(run)
+    if checkpoint not in (BEST[:-3], LAST[:-3]):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise TrainingError(f"{path}: checkpoint not found")
+        return path
+    if not (run / CONFIG_FILE).is_file():
+        raise TrainingError(f"{run}: not a run directory (no {CONFIG_FILE})")
+    path = run / f"{checkpoint}.pt"
+    if checkpoint == "best" and not path.is_file():
+        path = run / LAST
+    if not path.is_file():
+        raise TrainingError(f"{run}: no checkpoint yet ({path.name}); train it first, or "
+                            f"`multigrounding train --resume {run}` to finish it")
+    return path
+
+
+def load_heads(run: str | Path, checkpoint: str = "best", device: str = "cpu"
+               ) -> tuple[GroundingHeads, dict]:
+    """The trained heads of a run in eval mode, and the checkpoint's other contents."""
+    path = checkpoint_path(run, checkpoint)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        heads = GroundingHeads(HeadsConfig(**state["heads_config"]))
+        heads.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise TrainingError(f"{path}: not a multigrounding checkpoint ({type(err).__name__}: {err})") from None
+    state["path"] = str(path)
+    return heads.to(device).eval(), state
 
 
 def _drop_metrics_after(out: Path, step: int) -> None:

@@ -238,6 +238,7 @@ def text_store_config(job: TextExtraction, encoder, layout: TextLayout) -> dict:
         "manifest": {"sha256": file_sha256(job.manifest), "images": len(layout.image_ids),
                      "sequences": len(layout.words)},
         "encoder": encoder.config(),
+        "encoder_files": {"elmo_options": _str(job.elmo_options), "elmo_weights": _str(job.elmo_weights)},
         "num_layers": encoder.num_layers,
         "dim": encoder.dim,
         "num_sentence_vectors": encoder.num_sentence_vectors,

@@ -1,0 +1,241 @@
+"""``evaluate``: a trained run against a test set's stores — metrics.json, report.md, pictures.
+
+One pass of the pointing game (every scorable phrase once, with the center and random-point
+baselines on the same phrases, attention correctness and level-selection rates), one blockwise
+caption × image score matrix for retrieval R@K in both directions, then the files. Each file is
+written atomically, so an interrupted evaluation never leaves a half report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from multigrounding.atomic import atomic_open
+from multigrounding.cache.image_store import OK
+from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
+from multigrounding.cache.store import CacheMismatchError
+from multigrounding.datasets.manifest import read_manifest
+from multigrounding.evaluation.grounding import PointingResult, evaluate_pointing
+from multigrounding.evaluation.pictures import overlay, save_png
+from multigrounding.evaluation.retrieval import retrieval_metrics, score_matrix
+from multigrounding.heads.trainer import load_heads, resolve_device
+
+METRICS_FILE, REPORT_FILE, PICTURES_DIR = "metrics.json", "report.md", "pictures"
+
+
+@dataclass
+class Evaluation:
+    """Everything ``evaluate`` takes (one flat config)."""
+
+    run: Path
+    manifest: Path
+    images: Path
+    text: Path
+    out: Path
+    mode: str = "sentence"
+    checkpoint: str = "best"
+    pictures: int = 24
+    seed: int = 0
+    retrieval: bool = True
+    batch_size: int = 32
+    device: str = "auto"
+
+
+def image_identity(config: dict) -> dict:
+    """What makes two image stores' features comparable: the model, its weights, the levels."""
+    weights = config["weights"]
+    return {"backbone": config["backbone"], "weights": weights.get("weights"),
+            "weights_sha256": weights.get("sha256"), "seed": weights.get("seed"),
+            "levels": [lv["name"] for lv in config["levels"]], "grid": config["grid"],
+            "input_size": config["input_size"]}
+
+
+def text_identity(config: dict) -> dict:
+    """What makes two text stores comparable: the encoder and its weights (not where it lay)."""
+    encoder = {k: v for k, v in config["encoder"].items() if k not in ("model", "versions")}
+    return {"encoder": encoder, "num_layers": config["num_layers"], "dim": config["dim"]}
+
+
+def check_same_models(state: dict, image_store, text_store) -> None:
+    """Refuse stores whose features come from other models than the ones the run was trained on."""
+    run_path = state["path"]
+    for kind, identity, store in (("image", image_identity, image_store), ("text", text_identity, text_store)):
+        trained = state.get(f"{kind}_config")
+        if trained is None:
+            continue  # a checkpoint from before the configs were kept: nothing to compare
+        want, got = identity(trained), identity(store.config)
+        if want != got:
+            keys = [k for k in want if want[k] != got.get(k)]
+            detail = "; ".join(f"{k}: run {_short(want[k])} vs cache {_short(got.get(k))}" for k in keys)
+            raise CacheMismatchError(f"{store.path} holds {kind} features of another model than the "
+                                     f"run {run_path} was trained on ({detail}); extract them with "
+                                     f"the run's model")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Run the evaluation and write its files; returns the metrics. ``progress(stage, done, total)``."""
+    started = time.perf_counter()
+    device = str(resolve_device(job.device))
+    heads, state = load_heads(job.run, job.checkpoint, device)
+    config = state["config"]
+    visual, words = VisualBatchReader(job.images), TextBatchReader(job.text)
+    check_same_models(state, visual.store, words.store)
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    done = {"pointing": 0, "retrieval": 0}
+
+    def tick(stage: str, total: int) -> Callable[[int], None]:
+        def update(n: int) -> None:
+            done[stage] += n
+            if progress is not None:
+                progress(stage, done[stage], total)
+        return update
+
+    sequences = len(words)
+    pointing = evaluate_pointing(heads, job.images, job.text, job.manifest, mode=job.mode,
+                                 device=device, batch_size=job.batch_size,
+                                 heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
+                                 progress=tick("pointing", sequences))
+    metrics = {"run": str(job.run), "checkpoint": state["path"], "epoch": state["epoch"],
+               "step": state["step"], "manifest": str(job.manifest), "images": str(job.images),
+               "text": str(job.text), "mode": job.mode, "pointing": pointing.summary()}
+    if job.retrieval:
+        retrieval_started = time.perf_counter()
+        image_rows, caption_rows, caption_image = retrieval_rows(visual.store, words.store)
+        scores = score_matrix(heads, visual, words, image_rows, caption_rows,
+                              terms=config["loss_terms"], gamma1=config["gamma1"],
+                              heatmap=config["heatmap"], device=device,
+                              progress=tick("retrieval", len(image_rows) * len(caption_rows)))
+        metrics["retrieval"] = retrieval_metrics(scores, caption_image)
+        metrics["retrieval"]["scores"] = {"both": "word + sentence", "word": "word",
+                                          "sentence": "sentence"}[config["loss_terms"]]
+        retrieval_seconds = time.perf_counter() - retrieval_started
+    else:
+        retrieval_seconds = 0.0
+    records = list(read_manifest(job.manifest))
+    pictures = write_pictures(pointing, records, out / PICTURES_DIR, job.pictures, job.seed)
+    metrics["pictures"] = pictures
+    metrics["timing"] = {"seconds": time.perf_counter() - started,
+                         "pointing_read_seconds": pointing.read_seconds,
+                         "pointing_compute_seconds": pointing.compute_seconds,
+                         "retrieval_seconds": retrieval_seconds,
+                         "phrases_per_second": len(pointing.outcomes) /
+                         max(pointing.read_seconds + pointing.compute_seconds, 1e-9)}
+    with atomic_open(out / METRICS_FILE, "w", encoding="utf-8") as handle:
+        json.dump(metrics, handle, indent=2)
+    with atomic_open(out / REPORT_FILE, "w", encoding="utf-8") as handle:
+        handle.write(render_report(metrics))
+    return metrics
+
+
+def retrieval_rows(image_store, text_store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The usable test images (columns), their captions (rows) and each caption's column."""
+    group = text_store.group
+    caption_image = group["captions/image"][:]
+    is_caption = group["captions/is_caption"][:].astype(bool)
+    image_rows = np.flatnonzero(image_store.status() == OK)
+    column = np.full(image_store.num_images, -1, np.int64)
+    column[image_rows] = np.arange(len(image_rows))
+    caption_rows = np.flatnonzero(is_caption & (column[caption_image] >= 0))
+    return image_rows, caption_rows, column[caption_image[caption_rows]]
+
+
+def sample_outcomes(pointing: PointingResult, count: int, seed: int) -> list[int]:
+    """Up to ``count`` outcome indices, half hits and half misses where there are enough of each."""
+    rng = np.random.default_rng(seed)
+    hits = [i for i, o in enumerate(pointing.outcomes) if o.hit]
+    misses = [i for i, o in enumerate(pointing.outcomes) if not o.hit]
+    take_hits = min(len(hits), max(count // 2, count - len(misses)))
+    take_misses = min(len(misses), count - take_hits)
+    chosen = list(rng.choice(hits, take_hits, replace=False)) if take_hits else []
+    chosen += list(rng.choice(misses, take_misses, replace=False)) if take_misses else []
+    return sorted(int(i) for i in chosen)
+
+
+def write_pictures(pointing: PointingResult, records, folder: Path, count: int, seed: int) -> list[dict]:
+    """Overlay pictures of a sample of phrases: heatmap, ground-truth boxes, the pointed pixel."""
+    listed = []
+    for i in sample_outcomes(pointing, count, seed):
+        outcome = pointing.outcomes[i]
+        record = records[outcome.record]
+        phrase = record.phrases[outcome.index]
+        verdict = "hit" if outcome.hit else "miss"
+        name = f"{verdict}-{_safe(record.id)}-{outcome.index}.png"
+        with Image.open(record.image) as image:
+            picture = overlay(image, outcome.heatmap, phrase.boxes, outcome.xy,
+                              label=f"{phrase.text} ({verdict})")
+        save_png(picture, folder / name)
+        listed.append({"file": f"{PICTURES_DIR}/{name}", "image": record.id, "phrase": phrase.text,
+                       "hit": outcome.hit, "point": outcome.xy,
+                       "level": pointing.level_names[outcome.level]})
+    return listed
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
+
+
+def render_report(metrics: dict) -> str:
+    """report.md: the tables of metrics.json, for reading."""
+    p = metrics["pointing"]
+    lines = [f"# Evaluation of {metrics['run']}", "",
+             f"Checkpoint `{metrics['checkpoint']}` (epoch {metrics['epoch']}, step {metrics['step']}); "
+             f"test manifest `{metrics['manifest']}`; mode `{metrics['mode']}`.", "",
+             "## Pointing game", "",
+             f"{p['hits'] + p['misses']} phrases scored ({p['hits']} hits, {p['misses']} misses), "
+             f"{p['skipped']} skipped" + (" (" + ", ".join(f"{k}: {v}" for k, v in
+                                                        sorted(p["skipped_by_reason"].items())) + ")"
+                                          if p["skipped"] else "") + ".", "",
+             "| category | phrases | accuracy | center baseline | random baseline | attention correctness |",
+             "|---|---|---|---|---|---|",
+             _row("**all**", p["hits"] + p["misses"], p)]
+    lines += [_row(name, group["phrases"], group) for name, group in p["per_category"].items()]
+    levels = p["level_selection"]
+    names = list(levels["phrases"])
+    lines += ["", "## Level selection", "", "How often each level is chosen (a phrase takes the level "
+              "of its most relevant word; sentences their sentence heatmap's).", "",
+              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+              _levels("**all phrases**", levels["phrases"], names)]
+    lines += [_levels(name, rates, names) for name, rates in levels["per_category"].items()]
+    lines.append(_levels("**sentences**", levels["sentences"], names))
+    if "retrieval" in metrics:
+        r = metrics["retrieval"]
+        lines += ["", "## Retrieval", "",
+                  f"{r['captions']} captions × {r['images']} images, scored by the {r['scores']} "
+                  f"score; recall in %.", "",
+                  "| direction | R@1 | R@5 | R@10 | median rank | mean rank |", "|---|---|---|---|---|---|"]
+        for direction, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
+            d = r[direction]
+            lines.append(f"| {title} | {d['r1']:.1f} | {d['r5']:.1f} | {d['r10']:.1f} | "
+                         f"{d['median_rank']:g} | {d['mean_rank']:.1f} |")
+        lines += ["", f"rsum {r['rsum']:.1f}"]
+    if metrics["pictures"]:
+        lines += ["", "## Pictures", "", "Heatmap, ground-truth boxes (green) and the pointed pixel (red).", "",
+                  "| picture | phrase | result | level |", "|---|---|---|---|"]
+        lines += [f"| [{Path(x['file']).name}]({x['file']}) | {x['phrase']} | "
+                  f"{'hit' if x['hit'] else 'miss'} | {x['level']} |" for x in metrics["pictures"]]
+    t = metrics["timing"]
+    lines += ["", f"{t['seconds']:.1f} s in all; pointing {t['phrases_per_second']:.0f} phrases/s "
+              f"(reading {t['pointing_read_seconds']:.1f} s, computing {t['pointing_compute_seconds']:.1f} s).", ""]
+    return "\n".join(lines)
+
+
+def _row(name: str, count: int, values: dict) -> str:
+    return (f"| {name} | {count} | {100 * values['accuracy']:.1f} | {100 * values['center_baseline']:.1f} "
+            f"| {100 * values['random_baseline']:.1f} | {100 * values['attention_correctness']:.1f} |")
+
+
+def _levels(name: str, rates: dict, names: list[str]) -> str:
+    return f"| {name} | " + " | ".join(f"{100 * rates[n]:.0f}%" for n in names) + " |"

@@ -1,0 +1,156 @@
+"""``evaluate`` and ``ground`` end to end on a small trained run, and their refusals."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from multigrounding.cli import main
+from multigrounding.datasets.manifest import read_manifest, write_manifest
+from multigrounding.datasets.synth import generate_synth
+from multigrounding.evaluation.pointing import box_mask, skip_reason
+from multigrounding.heads.trainer import TrainConfig, train
+from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+
+COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-39769"
+
+
+def make_caches(root: Path, images: int, seed: int, weights_seed: int = 0) -> dict:
+    generate_synth(root / "data", images, seed=seed, size=96)
+    manifest = root / "data" / "manifest.jsonl"
+    extract_images(ImageExtraction(manifest, root / "images", weights="random", seed=weights_seed,
+                                   scheduler="synchronous", shard_size=32))
+    extract_text(TextExtraction(manifest, root / "text", scheduler="synchronous", shard_size=256))
+    return {"manifest": manifest, "images": root / "images", "text": root / "text"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    caches = {"train": make_caches(root / "train", 32, seed=21), "test": make_caches(root / "test", 12, seed=22)}
+    run = root / "run"
+    train(TrainConfig(images=str(caches["train"]["images"]), text=str(caches["train"]["text"]),
+                      out=str(run), epochs=1, batch_size=16, dim=16))
+    return {"root": root, "run": run, **caches}
+
+
+def evaluate_args(setup, out, manifest=None, images=None, *extra):
+    test = setup["test"]
+    return ["evaluate", str(setup["run"]), "--manifest", str(manifest or test["manifest"]),
+            "--images", str(images or test["images"]), "--text", str(test["text"]), "--out", str(out), *extra]
+
+
+def test_evaluate_writes_metrics_report_and_pictures(setup, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, evaluate_args(setup, out, None, None, "--pictures", "6"))
+    assert result.exit_code == 0, result.output
+    assert "pointing accuracy" in result.output and "report.md" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    p = metrics["pointing"]
+
+    # every test phrase exactly once: scored or skipped; the baselines computed independently
+    records = list(read_manifest(setup["test"]["manifest"]))
+    scored = [(r, ph) for r in records for ph in r.phrases if not skip_reason(ph, r.width, r.height)]
+    assert p["hits"] + p["misses"] == len(scored) > 0
+    assert p["skipped"] == sum(len(r.phrases) for r in records) - len(scored)
+    center = np.mean([box_mask(ph.boxes, r.width, r.height)[r.height // 2, r.width // 2] for r, ph in scored])
+    random = np.mean([box_mask(ph.boxes, r.width, r.height).mean() for r, ph in scored])
+    assert p["center_baseline"] == pytest.approx(center)
+    assert p["random_baseline"] == pytest.approx(random)
+    assert p["accuracy"] == pytest.approx(p["hits"] / len(scored))
+    assert sum(c["phrases"] for c in p["per_category"].values()) == len(scored)
+    for rates in [p["level_selection"]["phrases"], p["level_selection"]["sentences"],
+                  *p["level_selection"]["per_category"].values()]:
+        assert list(rates) == ["stage4", "stage6", "stage8", "head"]
+        assert sum(rates.values()) == pytest.approx(1.0)
+
+    r = metrics["retrieval"]
+    captions = sum(len(rec.captions) for rec in records)
+    assert (r["captions"], r["images"]) == (captions, len(records))
+    for direction in ("text_to_image", "image_to_text"):
+        assert r[direction]["r1"] <= r[direction]["r5"] <= r[direction]["r10"] <= 100
+
+    pictures = metrics["pictures"]
+    assert len(pictures) == 6
+    for picture in pictures:
+        with Image.open(out / picture["file"]) as image:
+            assert image.size == (96, 96)
+    report = (out / "report.md").read_text()
+    for heading in ("## Pointing game", "## Level selection", "## Retrieval", "## Pictures"):
+        assert heading in report
+    assert pictures[0]["file"] in report
+
+
+def test_evaluate_refuses_a_run_without_checkpoint(setup, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    (empty / "config.json").write_text((setup["run"] / "config.json").read_text())
+    args = evaluate_args(setup, tmp_path / "out")
+    args[1] = str(empty)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "no checkpoint" in result.output and str(empty) in result.output
+
+
+def test_evaluate_refuses_a_cache_of_another_model(setup, tmp_path):
+    test = setup["test"]
+    other = tmp_path / "other-images"
+    extract_images(ImageExtraction(test["manifest"], other, weights="random", seed=5,
+                                   scheduler="synchronous", shard_size=32))
+    result = CliRunner().invoke(main, evaluate_args(setup, tmp_path / "out", None, other))
+    assert result.exit_code == 1
+    assert "another model" in result.output and "seed" in result.output
+
+
+def test_evaluate_refuses_a_manifest_whose_ids_are_not_in_the_cache(setup, tmp_path):
+    records = list(read_manifest(setup["test"]["manifest"]))
+    records[0].id = "not-in-the-cache"
+    manifest = tmp_path / "other.jsonl"
+    write_manifest(records, manifest)
+    result = CliRunner().invoke(main, evaluate_args(setup, tmp_path / "out", manifest))
+    assert result.exit_code == 1
+    assert "not-in-the-cache" in result.output
+
+
+def test_ground_a_real_photo_with_a_random_weight_run(setup, tmp_path):
+    photo = COCO / "000000039769.png"
+    out = tmp_path / "ground.png"
+    result = CliRunner().invoke(main, ["ground", str(setup["run"]), str(photo),
+                                       "two cats sleeping on a pink blanket", "--phrase", "two cats",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with Image.open(photo) as original, Image.open(out) as picture:
+        assert picture.size == original.size
+        width, height = original.size
+    line = result.output.strip().splitlines()[0]
+    assert line.startswith("phrase 'two cats': points at (")
+    x, y = (int(v) for v in line.split("points at (")[1].split(")")[0].split(", "))
+    assert 0 <= x < width and 0 <= y < height
+
+
+def test_ground_without_phrase_grounds_the_sentence_and_every_word(setup, tmp_path):
+    out = tmp_path / "g.png"
+    sentence = "a red circle above a blue square"
+    image = next(iter(read_manifest(setup["test"]["manifest"]))).image
+    result = CliRunner().invoke(main, ["ground", str(setup["run"]), image, sentence, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 + len(sentence.split())
+    assert lines[0].startswith("sentence ") and lines[1].startswith("word 'a'")
+    assert out.is_file() and (tmp_path / f"g-{len(sentence.split())}.png").is_file()
+
+
+@pytest.mark.parametrize("image, sentence, extra, message", [
+    ("missing.jpg", "a cat", [], "does not exist"),
+    (None, "   ", [], "the sentence is empty"),
+    (None, "a red circle", ["--phrase", "a dog"], "not in the sentence"),
+])
+def test_ground_usage_errors_exit_2(setup, tmp_path, image, sentence, extra, message):
+    image = image and str(tmp_path / image) or str(COCO / "000000039769.png")
+    result = CliRunner().invoke(main, ["ground", str(setup["run"]), image, sentence,
+                                       "--out", str(tmp_path / "x.png"), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
