@@ -37,12 +37,11 @@ def main(verbose: int) -> None:
 
     Learn where each phrase of a caption is in its image from image-caption pairs alone:
     convert a dataset to a manifest, cache frozen backbone features, train light mapping heads,
-    evaluate with the pointing game.
+    evaluate with the pointing game and retrieval, ground one image.
 
     \b
-    Start here:
-      multigrounding datasets synth data/synth --images 200 --seed 0
-      multigrounding datasets validate data/synth/manifest.jsonl
+    Start here (offline, on the CPU, a few minutes):
+      multigrounding demo
     """
     level = max(logging.WARNING - 10 * verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -296,9 +295,12 @@ def extract_images_command(manifest, cache, backbone, weights, seed, batch_size,
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Sequences per shard: the unit of work, retry and resumption.")
+@click.option("--phrases-alone", is_flag=True,
+              help="Also encode every in-caption phrase alone (for `evaluate --mode query`).")
 @_run_options
 def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, max_words,
-                         batch_size, shard_size, device, scheduler, workers, overwrite) -> None:
+                         batch_size, shard_size, phrases_alone, device, scheduler, workers,
+                         overwrite) -> None:
     """Encode every caption of MANIFEST (and every standalone query phrase) into a text cache.
 
     Words are the caption split on whitespace; every layer of the encoder is kept per word (the
@@ -315,7 +317,7 @@ def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, m
     job = TextExtraction(manifest=manifest, cache=cache, encoder=encoder, elmo_options=elmo_options,
                          elmo_weights=elmo_weights, max_words=max_words, shard_size=shard_size,
                          batch_size=batch_size, device=device, scheduler=scheduler, workers=workers,
-                         overwrite=overwrite)
+                         overwrite=overwrite, phrases_alone=phrases_alone)
     with _progress("sequences") as bar:
         summary = extract_text(job, progress=_counter(bar))
     for shard, error in summary.failed_shards:

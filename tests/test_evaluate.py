@@ -154,3 +154,40 @@ def test_ground_usage_errors_exit_2(setup, tmp_path, image, sentence, extra, mes
                                        "--out", str(tmp_path / "x.png"), *extra])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_query_mode_grounds_every_phrase_alone_and_needs_the_phrases_encoded_alone(setup, tmp_path):
+    test = setup["test"]
+    refused = CliRunner().invoke(main, evaluate_args(setup, tmp_path / "a", None, None, "--mode", "query"))
+    assert refused.exit_code == 1 and "--phrases-alone" in refused.output
+
+    text = tmp_path / "text-alone"
+    extract_text(TextExtraction(test["manifest"], text, scheduler="synchronous", phrases_alone=True))
+    args = evaluate_args(setup, tmp_path / "q", None, None, "--mode", "query", "--pictures", "0")
+    args[args.index("--text") + 1] = str(text)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    query = json.loads((tmp_path / "q" / "metrics.json").read_text())["pointing"]
+    sentence = CliRunner().invoke(main, evaluate_args(setup, tmp_path / "s", None, None, "--pictures", "0"))
+    assert sentence.exit_code == 0, sentence.output
+    words = json.loads((tmp_path / "s" / "metrics.json").read_text())["pointing"]
+    # the same phrases are scored either way, grounded differently
+    assert query["hits"] + query["misses"] == words["hits"] + words["misses"]
+    assert query["center_baseline"] == words["center_baseline"]
+    assert query["level_selection"]["phrases"] != words["level_selection"]["phrases"] or \
+        query["attention_correctness"] != words["attention_correctness"]
+
+
+def test_evaluate_refuses_a_manifest_size_that_differs_from_the_file(setup, tmp_path):
+    records = list(read_manifest(setup["test"]["manifest"]))[:3]
+    records[1].width = 97                       # the file is 96 wide
+    manifest = tmp_path / "wrong-size.jsonl"
+    write_manifest(records, manifest)
+    extract_images(ImageExtraction(manifest, tmp_path / "images", weights="random", seed=0,
+                                   scheduler="synchronous"))
+    extract_text(TextExtraction(manifest, tmp_path / "text", scheduler="synchronous"))
+    args = evaluate_args(setup, tmp_path / "out", manifest, tmp_path / "images")
+    args[args.index("--text") + 1] = str(tmp_path / "text")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert f"image {records[1].id}: the manifest says 97x96" in result.output

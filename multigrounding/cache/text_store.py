@@ -12,6 +12,8 @@ Layout (one zarr v3 group):
   sentence           (C, S, D) float16   the encoder's sentence vectors
   phrases/{record,index,caption,start,length} (P,) int  every manifest phrase: its record row,
                                          its index in the record, the sequence and words it spans
+  phrases/alone      (P,) int64          the sequence holding the phrase alone, or -1 (in-caption
+                                         phrases are encoded alone only with --phrases-alone)
   done               (n_shards,) uint8   per shard of ``shard_size`` sequences
 
 Tokens are flat, not padded (padding to the longest caption costs 2-3x the space). A shard of
@@ -41,7 +43,7 @@ class TextLayout:
     words: list[list[str]]           # per sequence
     image: np.ndarray                # (C,) int32
     is_caption: np.ndarray           # (C,) uint8
-    phrases: dict[str, np.ndarray]   # record, index, caption, start, length
+    phrases: dict[str, np.ndarray]   # record, index, caption, start, length, alone
     shard_size: int
     token_shard: int
 

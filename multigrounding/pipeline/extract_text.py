@@ -50,6 +50,7 @@ class TextExtraction:
     scheduler: str = "distributed"
     workers: int | None = None
     overwrite: bool = False
+    phrases_alone: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,13 +129,18 @@ def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key:
     return result
 
 
-def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: int) -> TextLayout:
-    """Every sequence to encode and every phrase's span, from the manifest; refuses bad input."""
+def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: int,
+                 phrases_alone: bool = False) -> TextLayout:
+    """Every sequence to encode and every phrase's span, from the manifest; refuses bad input.
+
+    ``phrases_alone`` also encodes each in-caption phrase as a sequence of its own (for
+    evaluating every phrase as a standalone query), recorded in ``phrases/alone``."""
     image_ids: list[str] = []
     words: list[list[str]] = []
     image: list[int] = []
     is_caption: list[int] = []
-    phrases: dict[str, list[int]] = {k: [] for k in ("record", "index", "caption", "start", "length")}
+    phrases: dict[str, list[int]] = {k: [] for k in ("record", "index", "caption", "start", "length",
+                                                     "alone")}
     problems: list[str] = []
     for number, record in iter_manifest(manifest):
         if isinstance(record, RecordError):
@@ -147,7 +153,7 @@ def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: i
             _add_sequence(caption.split(), row, 1, words, image, is_caption, problems,
                           f"{manifest}:{number}: captions[{i}]", max_words)
         _add_phrases(record, row, first, number, manifest, words, image, is_caption, phrases,
-                     problems, max_words)
+                     problems, max_words, phrases_alone)
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -169,21 +175,28 @@ def _add_sequence(sequence: list[str], row: int, caption_flag: int, words, image
 
 
 def _add_phrases(record: Record, row: int, first: int, number: int, manifest, words, image,
-                 is_caption, phrases, problems, max_words: int) -> None:
-    """Each phrase's span: inside its caption, in a caption equal to it, or its own sequence."""
+                 is_caption, phrases, problems, max_words: int, phrases_alone: bool) -> None:
+    """Each phrase's span: inside its caption, in a caption equal to it, or its own sequence;
+    and the sequence that holds it alone (-1 when it is only encoded inside its caption)."""
     by_text = {" ".join(record.captions[i].split()): first + i for i in range(len(record.captions))}
+
+    def alone(index: int, phrase) -> int:
+        text = " ".join(phrase.words)
+        if text not in by_text:
+            by_text[text] = len(words)
+            _add_sequence(phrase.words, row, 0, words, image, is_caption, problems,
+                          f"{manifest}:{number}: phrases[{index}]", max_words)
+        return by_text[text]
+
     for index, phrase in enumerate(record.phrases):
         if phrase.caption is not None:
             caption, start = first + phrase.caption, phrase.start
+            own = alone(index, phrase) if phrases_alone else -1
         else:
-            text = " ".join(phrase.words)
-            if text not in by_text:
-                by_text[text] = len(words)
-                _add_sequence(phrase.words, row, 0, words, image, is_caption, problems,
-                              f"{manifest}:{number}: phrases[{index}]", max_words)
-            caption, start = by_text[text], 0
+            caption, start = alone(index, phrase), 0
+            own = caption
         for name, value in (("record", row), ("index", index), ("caption", caption),
-                            ("start", start), ("length", len(phrase.words))):
+                            ("start", start), ("length", len(phrase.words)), ("alone", own)):
             phrases[name].append(value)
 
 
@@ -191,7 +204,8 @@ def extract_text(job: TextExtraction,
                  progress: Callable[[int, int], None] | None = None) -> TextSummary:
     """Encode every sequence not yet in the store; ``progress(done, total)`` after each shard."""
     started = time.perf_counter()
-    layout = build_layout(job.manifest, job.max_words, job.shard_size, job.token_shard)
+    layout = build_layout(job.manifest, job.max_words, job.shard_size, job.token_shard,
+                          job.phrases_alone)
     device = resolve_device(job.device)
     plan = plan_workers(job.scheduler, job.workers, device)
     key = EncoderKey(job.encoder, _str(job.elmo_options), _str(job.elmo_weights), device,
@@ -248,6 +262,8 @@ def text_store_config(job: TextExtraction, encoder, layout: TextLayout) -> dict:
         "shard_size": job.shard_size,
         "token_shard": job.token_shard,
         "versions": {"multigrounding": __version__, **package_versions(("torch", "transformers", "h5py"))},
+        # only when set, so stores made before the option keep their fingerprint
+        **({"phrases_alone": True} if job.phrases_alone else {}),
     }
 
 
