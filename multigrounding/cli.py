@@ -179,6 +179,35 @@ def synth(out_dir, count, seed, size) -> None:
                f"{summary.phrases} phrases to {summary.manifest} in {summary.seconds:.1f} s")
 
 
+@datasets.command("phrases")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The labelled manifest to write (atomically).")
+@click.option("--model", default="en_core_web_sm", show_default=True,
+              help="The spaCy pipeline (name or folder) that parses the captions; none: no parser, "
+                   "entities from Flickr30k phrases only and no triples.")
+def phrases_command(manifest, output, model) -> None:
+    """Add phrase labels to every record of MANIFEST: entities and triples of each caption.
+
+    Entities are noun phrases with their attributes ("a red shirt"); triples are
+    subject-relation-object ("man riding horse", "dog runs on beach", "man in shirt"), both from
+    a spaCy dependency parse. Flickr30k Entities phrases are used as their captions' entities.
+    Existing labels are replaced. Needs `pip install spacy` and
+    `python -m spacy download en_core_web_sm`.
+
+    \b
+    Example:
+      multigrounding datasets phrases f30k-train.jsonl -o f30k-train-labels.jsonl
+    """
+    from multigrounding.datasets.phrase_labels import add_phrase_labels
+
+    with _progress("records") as bar:
+        summary = add_phrase_labels(manifest, output, model=None if model == "none" else model,
+                                    progress=bar.update)
+    click.echo(f"wrote {summary.records} records to {summary.output}: {summary.captions} captions, "
+               f"{summary.entities} entities, {summary.triples} triples in {summary.seconds:.1f} s")
+
+
 class RegistryChoice(click.Choice):
     """A choice whose names come from a registry, loaded only when needed (help or a call),
     so ``multigrounding --help`` does not import torch. An unknown name says the closest one."""
@@ -387,7 +416,15 @@ def _echo_extraction(summary, show: int) -> None:
 @click.option("--linear-visual", is_flag=True, help="Ablation: linear visual mapping.")
 @click.option("--linear-text", is_flag=True, help="Ablation: linear text mappings.")
 @click.option("--heatmap", type=click.Choice(["relu", "softmax"]), default="relu", show_default=True)
-@click.option("--loss-terms", type=click.Choice(["both", "word", "sentence"]), default="both", show_default=True)
+@click.option("--loss-terms", type=click.Choice(["both", "word", "sentence"]), default="both", show_default=True,
+              help="Which scores are trained: the word-based, the sentence, or both.")
+@click.option("--loss", type=click.Choice(["multigrounding", "npair", "triplet-hard"]), default="multigrounding",
+              show_default=True, help="The paper's two-way softmax per score; the bidirectional N-pair "
+              "loss (Das et al.); or VSE++'s hardest-negative triplet loss — the last two on one score.")
+@click.option("--margin", default=0.2, show_default=True, help="triplet-hard: the margin.")
+@click.option("--triplet-warmup", default=2, show_default=True, type=click.IntRange(min=0),
+              help="triplet-hard: epochs that sum the hinge over every negative before the hardest only.")
+@click.option("--npair-scale", default=10.0, show_default=True, help="npair: the scale of the cosine scores.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context
@@ -454,6 +491,9 @@ def train_command(ctx, images, text, out, resume_dir, config_file, **options) ->
               help="How many phrases to draw (half hits, half misses).")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,
               help="Also score every test caption against every test image for R@K.")
+@click.option("--fold-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="With more test images than this, retrieval is also reported as the mean over "
+                   "folds of this many images (COCO's 1K protocol on its 5K test set).")
 @click.option("--seed", default=0, show_default=True, help="Which phrases are drawn.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)

@@ -191,3 +191,15 @@ def test_evaluate_refuses_a_manifest_size_that_differs_from_the_file(setup, tmp_
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert f"image {records[1].id}: the manifest says 97x96" in result.output
+
+
+def test_retrieval_folds_when_there_are_more_images_than_a_fold(setup, tmp_path):
+    out = tmp_path / "folds"
+    result = CliRunner().invoke(main, evaluate_args(setup, out, None, None, "--fold-size", "5",
+                                                    "--pictures", "0"))
+    assert result.exit_code == 0, result.output
+    retrieval = json.loads((out / "metrics.json").read_text())["retrieval"]
+    folds = retrieval["folds"]
+    assert (folds["folds"], folds["images"], folds["dropped_images"]) == (2, 5, 2)
+    assert folds["text_to_image"]["mean_rank"] <= 5 < retrieval["images"]
+    assert "mean of 2 folds of 5 images" in (out / "report.md").read_text()

@@ -149,3 +149,26 @@ def test_ctrl_c_saves_mid_epoch_and_resume_ends_the_same(caches, tmp_path):
     want = torch.load(tmp_path / "clean" / "last.pt", weights_only=False)["model"]
     got = torch.load(run / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+@pytest.mark.parametrize("loss", ["multigrounding", "npair", "triplet-hard"])
+def test_each_loss_learns_retrieval_above_chance_on_held_out_images(caches, tmp_path, loss):
+    from multigrounding.evaluation.report import Evaluation, evaluate_run
+
+    out = tmp_path / loss
+    result = CliRunner().invoke(main, args(caches, out, "--epochs", "12", "--lr", "3e-3", "--loss", loss))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["loss"] == loss
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert ("retrieval" in rows[0]) == (loss != "multigrounding")
+    val = caches["val"]
+    report = evaluate_run(Evaluation(out, val["manifest"], val["images"], val["text"], tmp_path / "report",
+                                     pictures=0, checkpoint="last"))
+    retrieval = report["retrieval"]
+    chance = 100 / retrieval["images"]                 # 16 held-out images: R@1 moves in 6.25 steps
+    assert retrieval["text_to_image"]["r1"] > 2 * chance, retrieval
+    assert retrieval["image_to_text"]["r1"] > chance, retrieval
+    images, captions = retrieval["images"], retrieval["captions"]
+    # chance mean ranks: the own image among I; the best of an image's ~C/I captions among C
+    assert retrieval["text_to_image"]["mean_rank"] < 0.85 * (images + 1) / 2, retrieval
+    assert retrieval["image_to_text"]["mean_rank"] < 0.85 * (captions + 1) / (captions / images + 1), retrieval

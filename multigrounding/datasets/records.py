@@ -16,6 +16,14 @@ NOTVISUAL = "notvisual"
 SCENE = "scene"
 NOBOX = "nobox"
 
+# Kinds of phrase label (SSAMT phrase-level supervision): a noun phrase with its attributes, or a
+# subject-relation-object triple.
+ENTITY = "entity"
+TRIPLE = "triple"
+LABEL_KINDS = (ENTITY, TRIPLE)
+# Words a label's identity ignores: "a red shirt" and "the red shirt" are the same label.
+ARTICLES = frozenset({"a", "an", "the"})
+
 
 class RecordError(ValueError):
     """A record is not well formed; ``field`` is the dotted path of the bad part."""
@@ -59,6 +67,26 @@ class Phrase:
 
 
 @dataclass
+class Label:
+    """A phrase label of one caption: the words ``words`` (ascending indices into
+    ``captions[caption].split()``) and their ``text``, exactly those words joined by spaces."""
+
+    caption: int
+    kind: str
+    words: list[int]
+    text: str
+
+    @property
+    def key(self) -> str:
+        """The identity two captions share: the lowercase text without "a", "an", "the"."""
+        return " ".join(w for w in self.text.lower().split() if w not in ARTICLES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"caption": self.caption, "kind": self.kind, "words": list(self.words),
+                "text": self.text}
+
+
+@dataclass
 class Record:
     """One image line of the manifest. ``image`` is an absolute path once read or built."""
 
@@ -68,6 +96,7 @@ class Record:
     phrases: list[Phrase] = field(default_factory=list)
     width: int | None = None
     height: int | None = None
+    labels: list[Label] | None = None  # None: never labelled (the field is left out)
 
     def to_json(self, root: str | os.PathLike | None = None) -> dict[str, Any]:
         """The manifest line; with ``root`` the image path is written relative to that folder."""
@@ -81,6 +110,8 @@ class Record:
             out["height"] = self.height
         out["captions"] = list(self.captions)
         out["phrases"] = [p.to_json() for p in self.phrases]
+        if self.labels is not None:
+            out["labels"] = [label.to_json() for label in self.labels]
         return out
 
     @classmethod
@@ -88,10 +119,10 @@ class Record:
         """Build a record from a parsed manifest line, raising RecordError naming the bad field."""
         if not isinstance(data, dict):
             raise RecordError("(line)", f"expected a JSON object, got {_kind(data)}")
-        unknown = set(data) - {"id", "image", "width", "height", "captions", "phrases"}
+        unknown = set(data) - {"id", "image", "width", "height", "captions", "phrases", "labels"}
         if unknown:
             raise RecordError(sorted(unknown)[0], "unknown field (expected id, image, width, "
-                              "height, captions, phrases)")
+                              "height, captions, phrases, labels)")
         rid = data.get("id")
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid).strip() == "":
             raise RecordError("id", "required, a non-empty string")
@@ -112,8 +143,14 @@ class Record:
         if not isinstance(phrases_data, list):
             raise RecordError("phrases", f"expected a list of objects, got {_kind(phrases_data)}")
         phrases = [_phrase_from_json(p, f"phrases[{i}]") for i, p in enumerate(phrases_data)]
+        labels = None
+        if data.get("labels") is not None:
+            labels_data = data["labels"]
+            if not isinstance(labels_data, list):
+                raise RecordError("labels", f"expected a list of objects, got {_kind(labels_data)}")
+            labels = [_label_from_json(x, f"labels[{i}]", captions) for i, x in enumerate(labels_data)]
         return cls(id=str(rid), image=image, captions=list(captions), phrases=phrases,
-                   width=width, height=height)
+                   width=width, height=height, labels=labels)
 
 
 def check_record(record: Record, width: int | None = None,
@@ -122,7 +159,7 @@ def check_record(record: Record, width: int | None = None,
 
     ``width``/``height`` (from the decoded image) override the record's own when given. The
     checks need no file access: empty text, boxes out of order or outside the image, phrase
-    words that differ from the caption words at ``start``.
+    words that differ from the caption words at ``start``, labels that do not fit their caption.
     """
     width = width if width is not None else record.width
     height = height if height is not None else record.height
@@ -150,6 +187,35 @@ def check_record(record: Record, width: int | None = None,
             if found != mine:
                 yield f"{where}.text", (f"{phrase.text!r} does not match caption {phrase.caption} "
                                         f"words {phrase.start}..: {' '.join(found)!r}")
+    for i, label in enumerate(record.labels or []):
+        yield from label_problems(label, record.captions, f"labels[{i}]")
+
+
+def label_problems(label: Label, captions: list[str], where: str) -> Iterator[tuple[str, str]]:
+    """Yield (field, problem) for a label that does not fit ``captions``: unknown kind, caption
+    index, word indices out of range or not ascending, text not the joined words."""
+    if label.kind not in LABEL_KINDS:
+        yield f"{where}.kind", f"unknown kind {label.kind!r} (expected {' or '.join(LABEL_KINDS)})"
+    if not 0 <= label.caption < len(captions):
+        yield f"{where}.caption", (f"caption {label.caption} does not exist "
+                                   f"(the record has {len(captions)})")
+        return
+    words = captions[label.caption].split()
+    if not label.words:
+        yield f"{where}.words", "empty (a label has at least one word)"
+        return
+    for index in label.words:
+        if not 0 <= index < len(words):
+            yield f"{where}.words", (f"index {index} out of range for caption {label.caption} "
+                                     f"({len(words)} words)")
+            return
+    if any(b <= a for a, b in zip(label.words, label.words[1:])):
+        yield f"{where}.words", f"{label.words} are not ascending and distinct"
+        return
+    joined = " ".join(words[i] for i in label.words)
+    if label.text != joined:
+        yield f"{where}.text", (f"{label.text!r} is not caption {label.caption} words "
+                                f"{label.words}: {joined!r}")
 
 
 def box_problem(box: list[float], width: int | None, height: int | None) -> str | None:
@@ -194,6 +260,33 @@ def _phrase_from_json(data: Any, where: str) -> Phrase:
             raise RecordError(f"{where}.{name}", f"expected a string, got {_kind(data[name])}")
     return Phrase(text=text, boxes=[[float(v) for v in box] for box in boxes], caption=caption,
                   start=start, category=data.get("category"), type=data.get("type"))
+
+
+def _label_from_json(data: Any, where: str, captions: list[str]) -> Label:
+    """A label whose structure and fit to ``captions`` are right, or the RecordError of the first
+    problem (a label the reader passes can be trusted by the training loss)."""
+    if not isinstance(data, dict):
+        raise RecordError(where, f"expected an object, got {_kind(data)}")
+    unknown = set(data) - {"caption", "kind", "words", "text"}
+    if unknown:
+        raise RecordError(f"{where}.{sorted(unknown)[0]}", "unknown field (expected caption, kind, "
+                          "words, text)")
+    caption = data.get("caption")
+    if not is_int(caption) or caption < 0:
+        raise RecordError(f"{where}.caption", f"required, a non-negative integer, got {caption!r}")
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise RecordError(f"{where}.kind", f"required, {' or '.join(LABEL_KINDS)}")
+    words = data.get("words")
+    if not isinstance(words, list) or not all(is_int(w) for w in words):
+        raise RecordError(f"{where}.words", f"required, a list of word indices, got {words!r}")
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise RecordError(f"{where}.text", "required, a string")
+    label = Label(caption=caption, kind=kind, words=list(words), text=text)
+    for field_name, message in label_problems(label, captions, where):
+        raise RecordError(field_name, message)
+    return label
 
 
 def _optional_size(data: dict, name: str) -> int | None:

@@ -23,7 +23,7 @@ from multigrounding.cache.store import CacheMismatchError
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.evaluation.grounding import PointingResult, evaluate_pointing
 from multigrounding.evaluation.pictures import overlay, save_png
-from multigrounding.evaluation.retrieval import retrieval_metrics, score_matrix
+from multigrounding.evaluation.retrieval import fold_metrics, retrieval_metrics, score_matrix
 from multigrounding.heads.trainer import load_heads, resolve_device
 
 METRICS_FILE, REPORT_FILE, PICTURES_DIR = "metrics.json", "report.md", "pictures"
@@ -43,6 +43,7 @@ class Evaluation:
     pictures: int = 24
     seed: int = 0
     retrieval: bool = True
+    fold_size: int = 1000        # the COCO 1K protocol when there are more test images than this
     batch_size: int = 32
     device: str = "auto"
 
@@ -119,6 +120,8 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
                               heatmap=config["heatmap"], device=device,
                               progress=tick("retrieval", len(image_rows) * len(caption_rows)))
         metrics["retrieval"] = retrieval_metrics(scores, caption_image)
+        if len(image_rows) > job.fold_size:
+            metrics["retrieval"]["folds"] = fold_metrics(scores, caption_image, job.fold_size)
         metrics["retrieval"]["scores"] = {"both": "word + sentence", "word": "word",
                                           "sentence": "sentence"}[config["loss_terms"]]
         retrieval_seconds = time.perf_counter() - retrieval_started
@@ -216,11 +219,16 @@ def render_report(metrics: dict) -> str:
                   f"{r['captions']} captions × {r['images']} images, scored by the {r['scores']} "
                   f"score; recall in %.", "",
                   "| direction | R@1 | R@5 | R@10 | median rank | mean rank |", "|---|---|---|---|---|---|"]
-        for direction, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
-            d = r[direction]
-            lines.append(f"| {title} | {d['r1']:.1f} | {d['r5']:.1f} | {d['r10']:.1f} | "
-                         f"{d['median_rank']:g} | {d['mean_rank']:.1f} |")
-        lines += ["", f"rsum {r['rsum']:.1f}"]
+        protocols = [("", r)]
+        if "folds" in r:
+            protocols.append((f" (mean of {r['folds']['folds']} folds of {r['folds']['images']:g} "
+                              f"images)", r["folds"]))
+        for suffix, values in protocols:
+            for direction, title in (("text_to_image", "caption → image"), ("image_to_text", "image → caption")):
+                d = values[direction]
+                lines.append(f"| {title}{suffix} | {d['r1']:.1f} | {d['r5']:.1f} | {d['r10']:.1f} | "
+                             f"{d['median_rank']:g} | {d['mean_rank']:.1f} |")
+        lines += ["", "rsum " + ", ".join(f"{values['rsum']:.1f}{suffix}" for suffix, values in protocols)]
     if metrics["pictures"]:
         lines += ["", "## Pictures", "", "Heatmap, ground-truth boxes (green) and the pointed pixel (red).", "",
                   "| picture | phrase | result | level |", "|---|---|---|---|"]

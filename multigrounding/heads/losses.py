@@ -9,6 +9,23 @@ For a batch of B matched (caption b, image b) pairs and all B×B cross scores ``
     L   = L_w + L_s + weight_decay * penalty              (penalty = ½ Σ w² of the visual kernels)
 
 Computed in float32 (float64 stays) with log-softmax, so it never takes the log of a rounded 0.
+
+Two retrieval losses from the other seed papers work on one caption–image score matrix ``S``
+(``R_w + R_s``, ``R_w`` or ``R_s``, by ``--loss-terms``), the diagonal being the matched pairs:
+
+- ``npair_loss`` (Das et al. 2019, after Sohn's N-pair loss), both directions:
+  ``mean_b log(1 + sum_{c != b} exp(s (S[b, c] - S[b, b])))`` (caption → image) plus
+  ``mean_c log(1 + sum_{b != c} exp(s (S[b, c] - S[c, c])))`` (image → caption). Sohn's
+  embeddings are unnormalised; ours are cosines, so a scale ``s`` stands in for their norm
+  (default 10, the γ2 of the paper's loss). It equals ``matching_loss`` on ``S`` — what differs
+  from the multigrounding loss is one softmax over a single score rather than one per score.
+- ``triplet_hard_loss`` (VSE++, Faghri et al. 2018): the hinge with the hardest in-batch negative,
+  ``mean_b [m - S[b, b] + max_{c != b} S[b, c]]_+ + [m - S[b, b] + max_{b' != b} S[b', b]]_+``,
+  margin m (default 0.2). VSE++ sums over the batch; the mean keeps the learning rate independent
+  of B. With ``hardest=False`` every negative counts (the sum of hinges, VSE++'s "VSE0"): from
+  freshly initialised heads the hardest-negative loss alone collapses here (every score alike, the
+  hinge at its margin; measured on the synthetic data: retrieval at chance), so the trainer warms up
+  with the sum for ``triplet_warmup`` epochs, as later VSE work does.
 """
 from __future__ import annotations
 
@@ -68,3 +85,42 @@ def grounding_loss(R_w: Tensor | None, R_s: Tensor | None, penalty: Tensor | flo
     l2 = weight_decay * penalty.to(reference.dtype)
     loss = sum(used_terms[1:], used_terms[0]) + l2
     return {"loss": loss, "word": terms["word"], "sentence": terms["sentence"], "l2": l2}
+
+
+def _check_square(scores, name: str) -> None:
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or scores.shape[0] != scores.shape[1] \
+            or scores.shape[0] < 2:
+        got = list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise HeadsInputError(f"{name} needs square scores [B, B] (caption b vs image c, B >= 2: "
+                              f"a negative is needed); got {got}")
+
+
+def npair_loss(scores: Tensor, scale: float = 10.0) -> Tensor:
+    """The bidirectional N-pair loss on ``scores [B, B]`` (module docstring)."""
+    _check_square(scores, "npair_loss")
+    x = scale * scores.to(compute_dtype(scores))
+    diagonal = x.diagonal()
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    to_images = (x - diagonal[:, None]).masked_fill(eye, float("-inf"))    # row b: captions b
+    to_captions = (x - diagonal[None, :]).masked_fill(eye, float("-inf"))  # column c: image c
+    zero = torch.zeros(len(x), 1, dtype=x.dtype, device=x.device)
+    return (torch.logsumexp(torch.cat([zero, to_images], 1), 1).mean()
+            + torch.logsumexp(torch.cat([zero, to_captions.T], 1), 1).mean())
+
+
+def triplet_hard_loss(scores: Tensor, margin: float = 0.2, hardest: bool = True) -> Tensor:
+    """Max-margin with the hardest in-batch negative (or, ``hardest=False``, the sum over every
+    negative), both directions (VSE++; module docstring)."""
+    _check_square(scores, "triplet_hard_loss")
+    x = scores.to(compute_dtype(scores))
+    diagonal = x.diagonal()
+    eye = torch.eye(len(x), dtype=torch.bool, device=x.device)
+    if not hardest:
+        to_images = torch.relu(margin - diagonal[:, None] + x).masked_fill(eye, 0).sum(1)
+        to_captions = torch.relu(margin - diagonal[None, :] + x).masked_fill(eye, 0).sum(0)
+        return to_images.mean() + to_captions.mean()
+    negatives = x.masked_fill(eye, float("-inf"))
+    hardest_image = negatives.max(dim=1).values       # for caption b
+    hardest_caption = negatives.max(dim=0).values     # for image c
+    return (torch.relu(margin - diagonal + hardest_image).mean()
+            + torch.relu(margin - diagonal + hardest_caption).mean())

@@ -26,7 +26,7 @@ from multigrounding import __version__
 from multigrounding.atomic import atomic_open
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
-from multigrounding.heads.losses import grounding_loss
+from multigrounding.heads.losses import grounding_loss, npair_loss, triplet_hard_loss
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
 from multigrounding.heads.scores import cross_scores
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 LAST, BEST = "last.pt", "best.pt"
 METRICS_FILE = "metrics.jsonl"
+LOSSES = ("multigrounding", "npair", "triplet-hard")
 
 
 class TrainingError(MultigroundingError, RuntimeError):
@@ -62,7 +63,11 @@ class TrainConfig:
     linear_visual: bool = False
     linear_text: bool = False
     heatmap: str = "relu"
-    loss_terms: str = "both"                 # both | word | sentence
+    loss_terms: str = "both"                 # both | word | sentence: which scores are trained
+    loss: str = "multigrounding"             # multigrounding | npair | triplet-hard
+    margin: float = 0.2                      # triplet-hard
+    triplet_warmup: int = 2                  # triplet-hard: epochs summing every negative first
+    npair_scale: float = 10.0                # npair: the scale of the cosine scores
     gamma1: float = 5.0
     gamma2: float = 10.0
     weight_decay: float = 5e-4
@@ -89,6 +94,10 @@ class TrainConfig:
             raise TrainingError(f"heatmap must be relu or softmax, not {self.heatmap!r}")
         if self.loss_terms not in ("both", "word", "sentence"):
             raise TrainingError(f"loss_terms must be both, word or sentence, not {self.loss_terms!r}")
+        if self.loss not in LOSSES:
+            raise TrainingError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if not self.margin > 0 or not self.npair_scale > 0:
+            raise TrainingError("margin and npair_scale must be positive")
         if (self.val_manifest is None) != (self.val_images is None) or (self.val_images is None) != (self.val_text is None):
             raise TrainingError("validation needs all three of --val-images, --val-text and --val-manifest")
         if self.epochs < 1 or self.batch_size < 2:
@@ -168,7 +177,7 @@ def train(config: TrainConfig, resume: bool = False,
             try:
                 for batch, waited in prefetcher:
                     tick = time.perf_counter()
-                    terms = _step(heads, optimiser, batch, config, device)
+                    terms = _step(heads, optimiser, batch, config, device, epoch)
                     loss_value = terms["loss"]
                     if not math.isfinite(loss_value):
                         raise TrainingError(f"the loss became {loss_value} at epoch {epoch + 1}, step "
@@ -211,7 +220,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device) -> dict:
+def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, epoch: int = 0) -> dict:
     heads.train()
     device = torch.device(device)
     # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32
@@ -222,18 +231,37 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device) 
         sentence = heads.map_sentence(_to_device(batch.sentence, device).float())
         r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
-    terms = grounding_loss(r_w, r_s, heads.l2_penalty(), gamma2=config.gamma2,
-                           weight_decay=config.weight_decay,
-                           use_words=config.loss_terms in ("both", "word"),
-                           use_sentence=config.loss_terms in ("both", "sentence"))
+    terms = training_loss(r_w, r_s, heads.l2_penalty(), config, epoch)
     optimiser.zero_grad(set_to_none=True)
     terms["loss"].backward()
     optimiser.step()
     with torch.no_grad():
-        scores = r_w + r_s if config.loss_terms == "both" else (r_w if config.loss_terms == "word" else r_s)
+        scores = trained_scores(r_w, r_s, config.loss_terms)
         target = torch.arange(len(scores), device=scores.device)
         accuracy = float((scores.argmax(1) == target).float().mean())
-    return {**{k: float(v.detach()) for k, v in terms.items()}, "batch_retrieval_accuracy": accuracy}
+    return {**{k: float(v.detach()) for k, v in terms.items() if v is not None},
+            "batch_retrieval_accuracy": accuracy}
+
+
+def trained_scores(r_w, r_s, loss_terms: str):
+    """The caption–image score the run trains and retrieves with."""
+    return r_w + r_s if loss_terms == "both" else (r_w if loss_terms == "word" else r_s)
+
+
+def training_loss(r_w, r_s, penalty, config: TrainConfig, epoch: int = 0) -> dict:
+    """The run's objective (``config.loss``) and its parts, for the step and the metrics log."""
+    if config.loss == "multigrounding":
+        return grounding_loss(r_w, r_s, penalty, gamma2=config.gamma2,
+                              weight_decay=config.weight_decay,
+                              use_words=config.loss_terms in ("both", "word"),
+                              use_sentence=config.loss_terms in ("both", "sentence"))
+    scores = trained_scores(r_w, r_s, config.loss_terms)
+    if config.loss == "npair":
+        value = npair_loss(scores, config.npair_scale)
+    else:
+        value = triplet_hard_loss(scores, config.margin, hardest=epoch >= config.triplet_warmup)
+    l2 = config.weight_decay * penalty
+    return {"loss": value + l2, "retrieval": value, "l2": l2}
 
 
 def validate(heads: GroundingHeads, config: TrainConfig, device) -> float:
