@@ -425,6 +425,9 @@ def _echo_extraction(summary, show: int) -> None:
 @click.option("--triplet-warmup", default=2, show_default=True, type=click.IntRange(min=0),
               help="triplet-hard: epochs that sum the hinge over every negative before the hardest only.")
 @click.option("--npair-scale", default=10.0, show_default=True, help="npair: the scale of the cosine scores.")
+@click.option("--phrase-loss", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the phrase-level term (SSAMT labels; needs a text cache of a manifest "
+                   "labelled by `datasets phrases`); 0 is off.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.pass_context

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from multigrounding.heads.losses import matching_loss, npair_loss, triplet_hard_loss
+from multigrounding.heads.losses import matching_loss, npair_loss, phrase_matching_loss, triplet_hard_loss
 from multigrounding.heads.scores import HeadsInputError
 
 
@@ -76,3 +76,36 @@ def test_triplet_sum_over_negatives_matches_the_numpy_transcription():
     expected = sum(max(0.0, m - S[b, b] + S[b, c]) for b in range(B) for c in range(B) if c != b) / B \
         + sum(max(0.0, m - S[c, c] + S[b, c]) for c in range(B) for b in range(B) if b != c) / B
     assert float(triplet_hard_loss(torch.tensor(S), m, hardest=False)) == pytest.approx(expected, rel=1e-10)
+
+
+def phrase_numpy(P, caption, negative, g):
+    Q, B = P.shape
+    image_to_phrase = phrase_to_image = 0.0
+    for q in range(Q):
+        c = caption[q]
+        own = math.exp(g * P[q][c])
+        others = sum(math.exp(g * P[n][c]) for n in range(Q) if negative[n][c])
+        image_to_phrase += -math.log(own / (own + others))
+        others = sum(math.exp(g * P[q][d]) for d in range(B) if negative[q][d])
+        phrase_to_image += -math.log(own / (own + others))
+    return image_to_phrase / Q + phrase_to_image / Q
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_phrase_loss_matches_the_numpy_transcription(seed):
+    rng = np.random.default_rng(seed)
+    Q, B = 9, 4
+    P = rng.uniform(-1, 1, size=(Q, B))
+    caption = rng.integers(0, B, size=Q)
+    negative = rng.random((Q, B)) < 0.6
+    negative[np.arange(Q), caption] = False        # a label is never a negative of its own image
+    got = phrase_matching_loss(torch.tensor(P), torch.tensor(caption), torch.tensor(negative), 10.0)
+    assert float(got) == pytest.approx(phrase_numpy(P, caption, negative, 10.0), rel=1e-9)
+
+
+def test_phrase_loss_without_negatives_is_zero_and_has_a_gradient():
+    P = torch.rand(3, 2, requires_grad=True)
+    loss = phrase_matching_loss(P, torch.tensor([0, 1, 1]), torch.zeros(3, 2, dtype=torch.bool))
+    assert float(loss.detach()) == pytest.approx(0.0)
+    loss.backward()
+    assert P.grad is not None

@@ -172,3 +172,32 @@ def test_each_loss_learns_retrieval_above_chance_on_held_out_images(caches, tmp_
     # chance mean ranks: the own image among I; the best of an image's ~C/I captions among C
     assert retrieval["text_to_image"]["mean_rank"] < 0.85 * (images + 1) / 2, retrieval
     assert retrieval["image_to_text"]["mean_rank"] < 0.85 * (captions + 1) / (captions / images + 1), retrieval
+
+
+def test_phrase_loss_trains_on_labelled_captions_and_needs_labels(caches, tmp_path):
+    from multigrounding.datasets.phrase_labels import add_phrase_labels
+    from multigrounding.evaluation.report import Evaluation, evaluate_run
+
+    refused = CliRunner().invoke(main, args(caches, tmp_path / "refused", "--phrase-loss", "1"))
+    assert refused.exit_code == 1 and "has no phrase labels" in refused.output
+
+    # synthetic captions carry their phrases (Flickr30k style): entities without a parser
+    manifest = tmp_path / "labelled.jsonl"
+    summary = add_phrase_labels(caches["train"]["manifest"], manifest, model=None)
+    assert summary.entities > summary.captions and summary.triples == 0
+    extract_images(ImageExtraction(manifest, tmp_path / "images", scheduler="threads", shard_size=32))
+    extract_text(TextExtraction(manifest, tmp_path / "text", scheduler="threads", shard_size=256))
+    labelled = {"train": {"images": tmp_path / "images", "text": tmp_path / "text"}}
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, args(labelled, out, "--epochs", "12", "--lr", "3e-3",
+                                           "--phrase-loss", "1"))
+    assert result.exit_code == 0, result.output
+    rows = [r for r in metrics(out) if "loss" in r]
+    first, last = rows[:4], rows[-4:]
+    assert sum(r["phrase"] for r in last) < 0.8 * sum(r["phrase"] for r in first)
+    for r in rows:   # the total is the main loss plus the weighted phrase term
+        assert r["loss"] == pytest.approx(r["word"] + r["sentence"] + r["l2"] + r["phrase"], rel=1e-5)
+    val = caches["val"]
+    report = evaluate_run(Evaluation(out, val["manifest"], val["images"], val["text"], tmp_path / "report",
+                                     pictures=0, checkpoint="last"))
+    assert report["retrieval"]["text_to_image"]["r1"] > 2 * 100 / report["retrieval"]["images"]

@@ -14,6 +14,11 @@ Layout (one zarr v3 group):
                                          its index in the record, the sequence and words it spans
   phrases/alone      (P,) int64          the sequence holding the phrase alone, or -1 (in-caption
                                          phrases are encoded alone only with --phrases-alone)
+  labels/{sequence,offset,count,kind} (Q,) int  the phrase labels of the manifest (``datasets
+                                         phrases``): the caption sequence, where its word positions
+                                         start in ``labels/words`` and how many, 0 entity / 1 triple
+  labels/words       (W,) int32          word positions within the caption, label after label
+  labels/key         (Q,) str            the label's identity (lowercase, articles dropped)
   done               (n_shards,) uint8   per shard of ``shard_size`` sequences
 
 Tokens are flat, not padded (padding to the longest caption costs 2-3x the space). A shard of
@@ -46,6 +51,7 @@ class TextLayout:
     phrases: dict[str, np.ndarray]   # record, index, caption, start, length, alone
     shard_size: int
     token_shard: int
+    labels: dict[str, np.ndarray] | None = None   # sequence, offset, count, kind, words, key
 
     def __post_init__(self):
         lengths = np.array([len(w) for w in self.words], dtype=np.int64)
@@ -126,6 +132,13 @@ def _allocate(group: zarr.Group, config: dict, layout: TextLayout) -> None:
                              chunks=(max(len(values), 1),))
         if len(values):
             phrases[name][:] = values
+    if layout.labels is not None:
+        labels = group.create_group("labels")
+        for name, values in layout.labels.items():
+            labels.create_array(name, shape=values.shape, dtype=values.dtype if name != "key" else str,
+                                chunks=(max(len(values), 1),))
+            if len(values):
+                labels[name][:] = values
     total = max(layout.total_tokens, 1)
     group.create_array("tokens", shape=(total, layers, dim), dtype="float16",
                        chunks=(1, layers, dim), shards=(token_shard, layers, dim),

@@ -21,6 +21,16 @@ from multigrounding.cache.store import CacheIncompleteError, CacheMismatchError
 
 
 @dataclass
+class BatchLabels:
+    """The phrase labels of a batch's captions, for the phrase-level loss."""
+
+    caption: np.ndarray           # [Q] the batch position of the label's caption (and image)
+    positions: np.ndarray         # [Q, P] its word positions in that caption (0-padded)
+    mask: np.ndarray              # [Q, P] bool: real positions
+    negative: np.ndarray          # [Q, B] bool: image c is a negative for label q
+
+
+@dataclass
 class Batch:
     image_rows: np.ndarray
     caption_rows: np.ndarray
@@ -28,6 +38,7 @@ class Batch:
     tokens: np.ndarray            # [B, T, layers, dim] float16
     mask: np.ndarray              # [B, T] bool
     sentence: np.ndarray          # [B, S, dim] float16
+    labels: BatchLabels | None = None
 
 
 class PairedCaches:
@@ -61,16 +72,54 @@ class PairedCaches:
         self.caption_rows = np.split(rows, starts[1:]) if len(rows) else []
         self.image_config = image_store.config
         self.text_config = text_store.config
+        self.has_labels = "labels" in group
+        if self.has_labels:
+            self._load_labels(group, caption_image, image_store.num_images)
         self.fingerprints = {"images": image_store.header.fingerprint,
                              "text": text_store.header.fingerprint}
 
     def __len__(self) -> int:
         return len(self.image_rows)
 
+    def _load_labels(self, group, caption_image: np.ndarray, images: int) -> None:
+        """Labels by caption (sorted, for searchsorted) and each image's set of label keys over
+        all its captions: a label of another image is a negative only if none of them has it."""
+        labels = group["labels"]
+        sequence = labels["sequence"][:]
+        self._label_order = np.argsort(sequence, kind="stable")
+        self._label_sequence = sequence[self._label_order]
+        self._label_offset = labels["offset"][:]
+        self._label_count = labels["count"][:]
+        self._label_words = labels["words"][:]
+        _, key_ids = np.unique(labels["key"][:], return_inverse=True)
+        self._label_key = key_ids
+        self.image_keys: list[set[int]] = [set() for _ in range(images)]
+        for seq, key in zip(sequence, key_ids):
+            self.image_keys[caption_image[seq]].add(int(key))
+
+    def batch_labels(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> BatchLabels:
+        """The labels of the batch's captions, and which batch images are negatives for each."""
+        found = []
+        for b, row in enumerate(caption_rows):
+            lo, hi = np.searchsorted(self._label_sequence, [row, row + 1])
+            found.extend((b, int(q)) for q in self._label_order[lo:hi])
+        width = max((int(self._label_count[q]) for _, q in found), default=1)
+        positions = np.zeros((len(found), width), dtype=np.int64)
+        mask = np.zeros((len(found), width), dtype=bool)
+        negative = np.zeros((len(found), len(image_rows)), dtype=bool)
+        for i, (b, q) in enumerate(found):
+            first, count = int(self._label_offset[q]), int(self._label_count[q])
+            positions[i, :count] = self._label_words[first:first + count]
+            mask[i, :count] = True
+            key = int(self._label_key[q])
+            negative[i] = [c != b and key not in self.image_keys[image] for c, image in enumerate(image_rows)]
+        return BatchLabels(np.array([b for b, _ in found], dtype=np.int64), positions, mask, negative)
+
     def read(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> Batch:
         visual = self.visual.read(image_rows)
         tokens, mask, sentence = self.text.read(caption_rows)
-        return Batch(image_rows, caption_rows, visual, tokens, mask, sentence)
+        labels = self.batch_labels(image_rows, caption_rows) if self.has_labels else None
+        return Batch(image_rows, caption_rows, visual, tokens, mask, sentence, labels)
 
 
 def epoch_pairs(caches: PairedCaches, batch_size: int, seed: int, epoch: int

@@ -26,6 +26,20 @@ Two retrieval losses from the other seed papers work on one caption–image scor
   freshly initialised heads the hardest-negative loss alone collapses here (every score alike, the
   hinge at its margin; measured on the synthetic data: retrieval at chance), so the trainer warms up
   with the sum for ``triplet_warmup`` epochs, as later VSE work does.
+
+The phrase-level term (after SSAMT's phrase labels; ``phrase_matching_loss``). Each label q (an
+entity or a triple of the caption of batch image b_q) is scored against every batch image c with
+the same multi-level attention as a caption, over its own words only (inside its caption):
+``P[q, c] = (1/γ1) log sum_{t in q} exp(γ1 R*_t(c))``. Image c's negatives are the labels of other
+batch captions whose key (lowercase text without articles) none of c's captions — all of them, not
+only the one in the batch — carries; ``neg[q, c]`` marks them. For every label, with γ2 as above:
+
+    image → phrase:  -log [ e^{γ2 P[q, b_q]} / (e^{γ2 P[q, b_q]} + sum_{n: neg[n, b_q]} e^{γ2 P[n, b_q]}) ]
+    phrase → image:  -log [ e^{γ2 P[q, b_q]} / (e^{γ2 P[q, b_q]} + sum_{c: neg[q, c]} e^{γ2 P[q, c]}) ]
+    L_p = mean_q (image → phrase) + mean_q (phrase → image),   L += w · L_p   (``--phrase-loss w``)
+
+so a phrase that does not belong to an image is pushed below the ones that do, in both directions —
+the two-way softmax of the main loss, with labels in place of captions.
 """
 from __future__ import annotations
 
@@ -124,3 +138,25 @@ def triplet_hard_loss(scores: Tensor, margin: float = 0.2, hardest: bool = True)
     hardest_caption = negatives.max(dim=0).values     # for image c
     return (torch.relu(margin - diagonal + hardest_image).mean()
             + torch.relu(margin - diagonal + hardest_caption).mean())
+
+
+def phrase_matching_loss(scores: Tensor, caption: Tensor, negative: Tensor, gamma2: float = 10.0) -> Tensor:
+    """The phrase-level term (module docstring): ``scores [Q, B]`` label q vs batch image c,
+    ``caption [Q]`` each label's own batch image, ``negative [Q, B]`` bool."""
+    if scores.dim() != 2 or negative.shape != scores.shape or caption.shape != scores.shape[:1]:
+        raise HeadsInputError(f"phrase_matching_loss needs scores [Q, B], caption [Q] and negative "
+                              f"[Q, B]; got {list(scores.shape)}, {list(caption.shape)}, "
+                              f"{list(negative.shape)}")
+    if scores.shape[0] == 0:
+        return scores.sum() * 0.0
+    logits = gamma2 * scores.to(compute_dtype(scores))
+    labels = torch.arange(len(logits), device=logits.device)
+    own = logits[labels, caption]                                          # [Q]
+    to_images = logits.masked_fill(~negative, float("-inf"))
+    to_images[labels, caption] = own
+    phrase_to_image = torch.logsumexp(to_images, dim=1) - own
+    # image b_q's candidates: label q itself and every n with negative[n, b_q]
+    column = logits[:, caption].T                                          # [Q, Q]: row q, label n
+    allowed = negative[:, caption].T | torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    image_to_phrase = torch.logsumexp(column.masked_fill(~allowed, float("-inf")), dim=1) - own
+    return image_to_phrase.mean() + phrase_to_image.mean()

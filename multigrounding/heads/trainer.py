@@ -26,7 +26,8 @@ from multigrounding import __version__
 from multigrounding.atomic import atomic_open
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
-from multigrounding.heads.losses import grounding_loss, npair_loss, triplet_hard_loss
+from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
+                                         triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
 from multigrounding.heads.scores import cross_scores
 
@@ -68,6 +69,7 @@ class TrainConfig:
     margin: float = 0.2                      # triplet-hard
     triplet_warmup: int = 2                  # triplet-hard: epochs summing every negative first
     npair_scale: float = 10.0                # npair: the scale of the cosine scores
+    phrase_loss: float = 0.0                 # weight of the phrase-level term (0: off)
     gamma1: float = 5.0
     gamma2: float = 10.0
     weight_decay: float = 5e-4
@@ -98,6 +100,8 @@ class TrainConfig:
             raise TrainingError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if not self.margin > 0 or not self.npair_scale > 0:
             raise TrainingError("margin and npair_scale must be positive")
+        if not self.phrase_loss >= 0:
+            raise TrainingError(f"phrase_loss is a weight >= 0, not {self.phrase_loss!r}")
         if (self.val_manifest is None) != (self.val_images is None) or (self.val_images is None) != (self.val_text is None):
             raise TrainingError("validation needs all three of --val-images, --val-text and --val-manifest")
         if self.epochs < 1 or self.batch_size < 2:
@@ -149,6 +153,11 @@ def train(config: TrainConfig, resume: bool = False,
     if len(caches) < config.batch_size:
         raise TrainingError(f"{config.images}: {len(caches)} usable images, fewer than one batch "
                             f"of {config.batch_size}")
+    if config.phrase_loss > 0 and not caches.has_labels:
+        raise TrainingError(f"{config.text} has no phrase labels, which --phrase-loss needs: add them "
+                            f"with `multigrounding datasets phrases MANIFEST -o LABELLED.jsonl`, then "
+                            f"`multigrounding extract text LABELLED.jsonl` into a new text cache (and "
+                            f"extract images from LABELLED.jsonl too)")
     device = resolve_device(config.device)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -232,6 +241,9 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
         r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
     terms = training_loss(r_w, r_s, heads.l2_penalty(), config, epoch)
+    if config.phrase_loss > 0:
+        terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
+        terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
     optimiser.zero_grad(set_to_none=True)
     terms["loss"].backward()
     optimiser.step()
@@ -241,6 +253,18 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
         accuracy = float((scores.argmax(1) == target).float().mean())
     return {**{k: float(v.detach()) for k, v in terms.items() if v is not None},
             "batch_retrieval_accuracy": accuracy}
+
+
+def phrase_term(words, visual, labels, config: TrainConfig, device):
+    """The phrase-level loss of a batch (losses.phrase_matching_loss): each label's words,
+    gathered from its caption's mapped words, scored against every batch image."""
+    caption = torch.from_numpy(labels.caption).to(device)
+    positions = torch.from_numpy(labels.positions).to(device)
+    label_words = words[caption[:, None], positions]                      # [Q, P, D]
+    scores, _ = cross_scores(label_words, torch.from_numpy(labels.mask).to(device), None, visual,
+                             gamma1=config.gamma1, heatmap=config.heatmap)
+    return phrase_matching_loss(scores, caption, torch.from_numpy(labels.negative).to(device),
+                                config.gamma2)
 
 
 def trained_scores(r_w, r_s, loss_terms: str):

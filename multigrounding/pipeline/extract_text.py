@@ -22,7 +22,7 @@ from multigrounding.cache.fingerprint import file_sha256, package_versions
 from multigrounding.cache.store import remove_stale_partials, store_bytes, writer_lock
 from multigrounding.cache.text_store import TextFeatureStore, TextLayout
 from multigrounding.datasets.manifest import iter_manifest
-from multigrounding.datasets.records import Record, RecordError
+from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
 from multigrounding.errors import DatasetError
 from multigrounding.pipeline.extract_images import resolve_device
 from multigrounding.pipeline.scheduler import plan_workers, run_tasks
@@ -141,6 +141,8 @@ def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: i
     is_caption: list[int] = []
     phrases: dict[str, list[int]] = {k: [] for k in ("record", "index", "caption", "start", "length",
                                                      "alone")}
+    labels: dict[str, list] = {k: [] for k in ("sequence", "offset", "count", "kind", "words", "key")}
+    labelled = False
     problems: list[str] = []
     for number, record in iter_manifest(manifest):
         if isinstance(record, RecordError):
@@ -154,13 +156,28 @@ def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: i
                           f"{manifest}:{number}: captions[{i}]", max_words)
         _add_phrases(record, row, first, number, manifest, words, image, is_caption, phrases,
                      problems, max_words, phrases_alone)
+        if record.labels is not None:
+            labelled = True
+            for label in record.labels:
+                labels["sequence"].append(first + label.caption)
+                labels["offset"].append(len(labels["words"]))
+                labels["count"].append(len(label.words))
+                labels["kind"].append(LABEL_KINDS.index(label.kind))
+                labels["words"].extend(label.words)
+                labels["key"].append(label.key)
     if problems:
         shown = "\n  ".join(problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise DatasetError(f"{len(problems)} sequences cannot be encoded:\n  {shown}{more}")
+    label_arrays = None
+    if labelled:
+        label_arrays = {name: np.array(labels[name], dtype) for name, dtype in (
+            ("sequence", np.int64), ("offset", np.int64), ("count", np.int32), ("kind", np.uint8),
+            ("words", np.int32))}
+        label_arrays["key"] = np.array(labels["key"], dtype=object).astype(str)
     return TextLayout(image_ids, words, np.array(image, np.int32), np.array(is_caption, np.uint8),
                       {k: np.array(v, np.int64) for k, v in phrases.items()}, shard_size,
-                      token_shard)
+                      token_shard, label_arrays)
 
 
 def _add_sequence(sequence: list[str], row: int, caption_flag: int, words, image, is_caption,
