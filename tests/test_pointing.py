@@ -4,6 +4,7 @@ import torch
 
 from multigrounding.datasets.records import Phrase
 from multigrounding.evaluation.pointing import (attention_correctness, box_mask, center_hit, is_hit,
+                                                point_and_correctness,
                                                 phrase_map, point, random_hit_rate, resize_to_image,
                                                 skip_reason)
 
@@ -82,3 +83,12 @@ def test_center_and_random_baselines():
     assert random_hit_rate([[0, 0, 9, 9], [5, 0, 14, 9]], 100, 50) == pytest.approx(150 / 5000)
     # fractional box edges: only whole pixels inside count
     assert box_mask([[0.5, 0.5, 2.5, 1.0]], 4, 3).sum() == 2   # pixels x 1..2, y 1
+
+
+def test_point_and_correctness_in_one_resize_equal_the_two_functions():
+    heat = torch.rand(5, 5) - 0.3
+    boxes = [[3, 7, 40, 22], [10, 0, 12, 29]]
+    xy, correctness = point_and_correctness(heat, boxes, 61, 30)
+    assert xy == point(heat, 61, 30)
+    assert correctness == pytest.approx(attention_correctness(heat, boxes, 61, 30))
+    assert point_and_correctness(torch.zeros(5, 5), boxes, 61, 30) == (None, 0.0)

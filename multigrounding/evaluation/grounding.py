@@ -23,8 +23,8 @@ from multigrounding.cache.store import CacheMismatchError
 from multigrounding.cache.fingerprint import file_sha256
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.errors import DatasetError, UnknownNameError
-from multigrounding.evaluation.pointing import (attention_correctness, center_hit, is_hit, phrase_map,
-                                                point, random_hit_rate, skip_reason)
+from multigrounding.evaluation.pointing import (center_hit, is_hit, phrase_map, point_and_correctness,
+                                                random_hit_rate, skip_reason)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
 
 MODES = ("sentence", "query")
@@ -176,10 +176,10 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
                     level = int(sg["level"][b])
                     heat = sg["heatmaps"][b, :, level].reshape(grid, grid).cpu()
                     heat = heat if bool((heat > 0).any()) else None
-                xy = point(heat, width, height)
+                xy, correctness = point_and_correctness(heat, phrase.boxes, width, height)
                 result.outcomes.append(PhraseOutcome(
                     record, int(spans["index"][k]), phrase.category or "(none)",
-                    is_hit(xy, phrase.boxes), attention_correctness(heat, phrase.boxes, width, height),
+                    is_hit(xy, phrase.boxes), correctness,
                     level, xy, center_hit(phrase.boxes, width, height),
                     random_hit_rate(phrase.boxes, width, height),
                     heat.numpy().astype(np.float16) if keep_heatmaps and heat is not None else None))

@@ -45,9 +45,21 @@ def point(heatmap: torch.Tensor | None, width: int, height: int) -> tuple[int, i
     all-zero one (a miss)."""
     if heatmap is None or not bool((heatmap > 0).any()):
         return None
-    full = resize_to_image(heatmap, width, height)
+    return _argmax(resize_to_image(heatmap, width, height))
+
+
+def _argmax(full: torch.Tensor) -> tuple[int, int]:
     index = int(torch.argmax(full))
-    return index % width, index // width
+    return index % full.shape[1], index // full.shape[1]
+
+
+def point_and_correctness(heatmap: torch.Tensor | None, boxes: list[list[float]], width: int,
+                          height: int) -> tuple[tuple[int, int] | None, float]:
+    """``point`` and ``attention_correctness`` with one resize (evaluation's per-phrase cost)."""
+    if heatmap is None or not bool((heatmap > 0).any()):
+        return None, 0.0
+    full = resize_to_image(heatmap, width, height)
+    return _argmax(full), _mass_inside(full, boxes, width, height)
 
 
 def is_hit(xy: tuple[int, int] | None, boxes: list[list[float]]) -> bool:
@@ -63,11 +75,16 @@ def attention_correctness(heatmap: torch.Tensor | None, boxes: list[list[float]]
     """The share of the heatmap's mass (resized, normalised to sum 1) inside the boxes."""
     if heatmap is None:
         return 0.0
-    full = resize_to_image(heatmap, width, height).clamp(min=0)
+    return _mass_inside(resize_to_image(heatmap, width, height), boxes, width, height)
+
+
+def _mass_inside(full: torch.Tensor, boxes, width: int, height: int) -> float:
+    full = full.clamp(min=0)
     total = float(full.sum())
     if total <= 0:
         return 0.0
-    return float(full[torch.from_numpy(box_mask(boxes, width, height))].sum()) / total
+    inside = torch.from_numpy(box_mask(boxes, width, height).astype(np.float32))
+    return float((full * inside).sum()) / total
 
 
 def center_hit(boxes: list[list[float]], width: int, height: int) -> bool:
