@@ -203,3 +203,18 @@ def test_retrieval_folds_when_there_are_more_images_than_a_fold(setup, tmp_path)
     assert (folds["folds"], folds["images"], folds["dropped_images"]) == (2, 5, 2)
     assert folds["text_to_image"]["mean_rank"] <= 5 < retrieval["images"]
     assert "mean of 2 folds of 5 images" in (out / "report.md").read_text()
+
+
+def test_a_run_on_one_fixed_level_reports_that_level(setup, tmp_path):
+    train_caches = setup["train"]
+    run = tmp_path / "level3"
+    train(TrainConfig(images=str(train_caches["images"]), text=str(train_caches["text"]), out=str(run),
+                      epochs=1, batch_size=16, dim=16, levels=[3]))
+    args = evaluate_args(setup, tmp_path / "out", None, None, "--pictures", "2", "--no-retrieval")
+    args[1] = str(run)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["pointing"]["level_selection"]["phrases"] == {"head": 1.0}
+    assert "retrieval" not in metrics
+    assert {p["level"] for p in metrics["pictures"]} == {"head"}

@@ -114,7 +114,7 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
                       progress=None) -> PointingResult:
     """Point every scorable phrase of ``manifest`` with ``heads``; skips counted by reason.
 
-    ``progress(n)`` is called with the number of sequences grounded after each batch.
+    ``progress(done, total)`` is called with the sequences grounded so far after each batch.
     """
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
@@ -129,7 +129,8 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
     caption_image = group["captions/image"][:]
     is_caption = group["captions/is_caption"][:].astype(bool)
     _check_sizes(manifest, records, sizes, status)
-    result = PointingResult(level_names=[lv["name"] for lv in visual.store.config["levels"]])
+    names = [lv["name"] for lv in visual.store.config["levels"]]
+    result = PointingResult(level_names=[names[k] for k in heads.config.used_levels])
     by_sequence: dict[int, list[int]] = collections.defaultdict(list)
     for k in range(len(spans["record"])):
         row = int(spans["record"][k])
@@ -186,7 +187,7 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
         result.read_seconds += tock - tick
         result.compute_seconds += time.perf_counter() - tock
         if progress is not None:
-            progress(len(rows))
+            progress(first + len(rows), len(sequences))
     return result
 
 

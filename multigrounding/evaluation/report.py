@@ -95,30 +95,31 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    done = {"pointing": 0, "retrieval": 0}
+    def pointing_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress("pointing", done, total)
 
-    def tick(stage: str, total: int) -> Callable[[int], None]:
-        def update(n: int) -> None:
-            done[stage] += n
-            if progress is not None:
-                progress(stage, done[stage], total)
-        return update
-
-    sequences = len(words)
     pointing = evaluate_pointing(heads, job.images, job.text, job.manifest, mode=job.mode,
                                  device=device, batch_size=job.batch_size,
                                  heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
-                                 progress=tick("pointing", sequences))
+                                 progress=pointing_progress)
     metrics = {"run": str(job.run), "checkpoint": state["path"], "epoch": state["epoch"],
                "step": state["step"], "manifest": str(job.manifest), "images": str(job.images),
                "text": str(job.text), "mode": job.mode, "pointing": pointing.summary()}
     if job.retrieval:
         retrieval_started = time.perf_counter()
         image_rows, caption_rows, caption_image = retrieval_rows(visual.store, words.store)
+        pairs, scored = len(image_rows) * len(caption_rows), 0
+
+        def retrieval_progress(count: int) -> None:
+            nonlocal scored
+            scored += count
+            if progress is not None:
+                progress("retrieval", scored, pairs)
+
         scores = score_matrix(heads, visual, words, image_rows, caption_rows,
                               terms=config["loss_terms"], gamma1=config["gamma1"],
-                              heatmap=config["heatmap"], device=device,
-                              progress=tick("retrieval", len(image_rows) * len(caption_rows)))
+                              heatmap=config["heatmap"], device=device, progress=retrieval_progress)
         metrics["retrieval"] = retrieval_metrics(scores, caption_image)
         if len(image_rows) > job.fold_size:
             metrics["retrieval"]["folds"] = fold_metrics(scores, caption_image, job.fold_size)
