@@ -15,7 +15,7 @@ throughput does not depend on the weights' values, only on the shapes), then --r
   1 - (read + compute) / wall: the part of the call that is neither (manifest parsing, opening the
   stores, the sha256 check, setup). The compute is split further, in the same runs, by wrapping
   the names evaluate_pointing calls (in this process only): the heads' mappings, word/sentence
-  grounding, and the per-phrase scoring (point, attention correctness, center/random baselines).
+  grounding, and the per-phrase scoring (pointed pixel and attention correctness, center/random baselines).
 - ``score_matrix`` over every test caption x every usable image (``retrieval_rows``): pairs/s
   (context), the share of its time spent reading + mapping the images (timed by thin wrappers
   around ``VisualBatchReader.read`` and ``heads.map_visual``), and retrieval time / pointing
@@ -94,7 +94,7 @@ def compute_timers(heads, spent: dict):
     process only): the heads' mappings, the word/sentence grounding, the per-phrase scoring."""
     parts = {"heads": [(heads, n) for n in ("map_visual", "map_words", "map_sentence")],
              "grounding": [(grounding, n) for n in ("word_grounding", "sentence_grounding")],
-             "phrase": [(grounding, n) for n in ("point", "attention_correctness", "is_hit",
+             "phrase": [(grounding, n) for n in ("point_and_correctness", "is_hit",
                                                  "center_hit", "random_hit_rate")]}
     saved = []
     for key, targets in parts.items():
