@@ -430,6 +430,9 @@ def _echo_extraction(summary, show: int) -> None:
                    "labelled by `datasets phrases`); 0 is off.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--read-cache-gb", default=2.0, show_default=True, type=click.FloatRange(min=0),
+              help="Decoded image features kept in memory across epochs (0: none); a training set "
+                   "that fits is decompressed once.")
 @click.pass_context
 def train_command(ctx, images, text, out, resume_dir, config_file, **options) -> None:
     """Train the mapping heads from cached features (METHOD.md is the specification).

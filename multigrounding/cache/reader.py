@@ -3,6 +3,11 @@
 zarr-python's integer-array indexing on sharded arrays is ~50x slower than it should be
 (zarr-python#3829), so batches are read with tensorstore's ``zarr3`` driver over the same
 files: one indexed read per level, all levels issued at once and awaited together.
+
+Most of a batch read is decompressing the chunks, again every epoch. ``cache_bytes`` gives the
+visual levels one tensorstore cache pool of that size (decoded chunks, least recently used
+dropped first): a dataset that fits is decoded once, and later epochs copy from memory
+(measured: a warm cache reads at 0.6 of a memory-mapped raw array, a cold one at 0.13).
 """
 from __future__ import annotations
 
@@ -16,18 +21,19 @@ from multigrounding.cache.image_store import ImageFeatureStore
 from multigrounding.cache.text_store import TextFeatureStore
 
 
-def open_tensorstore(array_path: str | Path) -> ts.TensorStore:
+def open_tensorstore(array_path: str | Path, context: ts.Context | None = None) -> ts.TensorStore:
     """A read-only tensorstore view of one zarr v3 array on the local file system."""
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
-    return ts.open(spec, read=True).result()
+    return ts.open(spec, read=True, context=context).result()
 
 
 class VisualBatchReader:
     """``reader.read(rows)`` → one float16 array [B, M, M, C_k] per level, rows in given order."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache_bytes: int = 0):
         self.store = ImageFeatureStore.open(path)
-        self.levels = [open_tensorstore(Path(path) / "visual" / f"level{k}")
+        context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}}) if cache_bytes else None
+        self.levels = [open_tensorstore(Path(path) / "visual" / f"level{k}", context)
                        for k in range(len(self.store.levels))]
 
     def __len__(self) -> int:

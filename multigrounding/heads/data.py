@@ -45,8 +45,8 @@ class PairedCaches:
     """An image store and a text store of the same manifest, both complete, and which captions
     belong to which usable image (failed images and images without captions are left out)."""
 
-    def __init__(self, images: str | Path, text: str | Path):
-        self.visual = VisualBatchReader(images)
+    def __init__(self, images: str | Path, text: str | Path, cache_bytes: int = 0):
+        self.visual = VisualBatchReader(images, cache_bytes)
         self.text = TextBatchReader(text)
         image_store, text_store = self.visual.store, self.text.store
         for store in (image_store, text_store):

@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     prefetch: int = 3
+    read_cache_gb: float = 2.0               # decoded visual chunks kept in memory across epochs
     log_every: int = 10
 
     @classmethod
@@ -149,7 +150,7 @@ def train(config: TrainConfig, resume: bool = False,
     config.check()
     out = Path(config.out)
     started = time.perf_counter()
-    caches = PairedCaches(config.images, config.text)
+    caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9))
     if len(caches) < config.batch_size:
         raise TrainingError(f"{config.images}: {len(caches)} usable images, fewer than one batch "
                             f"of {config.batch_size}")
