@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
