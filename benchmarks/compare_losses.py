@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +24,7 @@ from _common import machine_line, table  # noqa: E402
 from multigrounding.datasets.phrase_labels import add_phrase_labels  # noqa: E402
 from multigrounding.demo import PRESETS  # noqa: E402
 from multigrounding.evaluation.report import Evaluation, evaluate_run  # noqa: E402
-from multigrounding.heads.trainer import LAST, TrainConfig, load_run_config, train  # noqa: E402
+from multigrounding.heads.trainer import TrainConfig, continues_run, train  # noqa: E402
 from multigrounding.pipeline.extract_images import ImageExtraction, extract_images  # noqa: E402
 from multigrounding.pipeline.extract_text import TextExtraction, extract_text  # noqa: E402
 
@@ -52,10 +51,7 @@ def run(root: Path, name: str, options: dict, epochs: int, images: Path, text: P
                          batch_size=preset.batch_size, lr=preset.lr, lr_milestones=[], dim=preset.dim,
                          **options)
     started = time.perf_counter()
-    resume = (out / LAST).is_file() and asdict(load_run_config(out)) == asdict(config)
-    if (out / LAST).is_file() and not resume:
-        raise SystemExit(f"{out} holds another run; delete it")
-    train(config, resume=resume)
+    train(config, resume=continues_run(config))
     seconds = time.perf_counter() - started
     metrics = evaluate_run(Evaluation(out, root / "data" / "test" / "manifest.jsonl",
                                       root / "cache" / "test-images", root / "cache" / "test-text",

@@ -28,7 +28,7 @@ from multigrounding.atomic import atomic_open
 from multigrounding.datasets.synth import generate_synth
 from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.report import Evaluation, evaluate_run
-from multigrounding.heads.trainer import LAST, TrainConfig, load_run_config, train
+from multigrounding.heads.trainer import TrainConfig, continues_run, train
 from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
 from multigrounding.pipeline.extract_text import TextExtraction, extract_text
 
@@ -117,9 +117,7 @@ def run_demo(out: str | Path, quick: bool = False, *, device: str = "auto",
     config = TrainConfig(images=str(cache / "train-images"), text=str(cache / "train-text"),
                          out=str(run), epochs=preset.epochs, batch_size=preset.batch_size,
                          lr=preset.lr, lr_milestones=[], dim=preset.dim, device=device)
-    resume = (run / LAST).is_file() and asdict(load_run_config(run)) == asdict(config)
-    if (run / LAST).is_file() and not resume:
-        raise DemoError(f"{run} holds another run; delete it or use another --out")
+    resume = continues_run(config)
     report = begin("train", f"4/5 training the heads: {preset.epochs} epochs, D = {preset.dim}, "
                             f"batch {preset.batch_size}")
     steps_per_epoch = preset.train_images // preset.batch_size

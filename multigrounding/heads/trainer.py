@@ -339,6 +339,17 @@ def load_checkpoint(path: Path, caches: PairedCaches | None = None) -> dict:
     return state
 
 
+def continues_run(config: TrainConfig) -> bool:
+    """True when ``config.out`` holds a run of exactly this config (resume it), False when it
+    holds none; a run of another config there is an error (never trained over)."""
+    out = Path(config.out)
+    if not (out / LAST).is_file():
+        return False
+    if dataclasses.asdict(load_run_config(out)) != dataclasses.asdict(config):
+        raise TrainingError(f"{out} holds a run of another config; delete it or choose another folder")
+    return True
+
+
 def checkpoint_path(run: str | Path, checkpoint: str = "best") -> Path:
     """``best`` (falling back to ``last`` when the run had no validation), ``last``, or a path."""
     run = Path(run)
