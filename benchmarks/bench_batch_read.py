@@ -120,7 +120,7 @@ def parse_args(argv=None):
 
 def build_by_extraction(root: Path, args) -> Path:
     from multigrounding.datasets.synth import generate_synth
-    from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+    from multigrounding.pipeline.image_task import ImageExtraction, extract_images
 
     generate_synth(root / "synth", args.images, seed=args.seed, size=args.image_size)
     cache = root / "cache"

@@ -43,12 +43,12 @@ from _common import Stat, machine_line, table  # noqa: E402
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader  # noqa: E402
 from multigrounding.datasets.synth import generate_synth  # noqa: E402
 from multigrounding.evaluation import grounding  # noqa: E402
-from multigrounding.evaluation.grounding import evaluate_pointing  # noqa: E402
+from multigrounding.evaluation.phrase_pointing import evaluate_pointing  # noqa: E402
 from multigrounding.evaluation.report import retrieval_rows  # noqa: E402
 from multigrounding.evaluation.retrieval import score_matrix  # noqa: E402
 from multigrounding.heads.model import GroundingHeads, HeadsConfig  # noqa: E402
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images  # noqa: E402
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text  # noqa: E402
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images  # noqa: E402
+from multigrounding.pipeline.text_task import TextExtraction, extract_text  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 

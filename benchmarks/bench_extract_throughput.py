@@ -137,7 +137,7 @@ def photo_manifest(root: Path) -> tuple[Path, list[str]]:
 # --------------------------------------------------------------------------- measurements
 
 def run_pipeline(manifest: Path, cache: Path, args, backbone: str, weights: str):
-    from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+    from multigrounding.pipeline.image_task import ImageExtraction, extract_images
 
     if cache.exists():
         shutil.rmtree(cache)

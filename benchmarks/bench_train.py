@@ -32,10 +32,11 @@ from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs  # n
 from multigrounding.heads.losses import grounding_loss  # noqa: E402
 from multigrounding.heads.model import GroundingHeads, HeadsConfig  # noqa: E402
 from multigrounding.heads.scores import cross_scores  # noqa: E402
-from multigrounding.heads.trainer import TrainConfig, _step, build_heads  # noqa: E402
+from multigrounding.heads.config import TrainConfig  # noqa: E402
+from multigrounding.heads.trainer import _step, build_heads  # noqa: E402
 from multigrounding.pipeline.backbones import create_backbone  # noqa: E402
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images  # noqa: E402
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text  # noqa: E402
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images  # noqa: E402
+from multigrounding.pipeline.text_task import TextExtraction, extract_text  # noqa: E402
 from multigrounding.pipeline.text_encoders import create_text_encoder  # noqa: E402
 
 

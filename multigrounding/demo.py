@@ -28,9 +28,11 @@ from multigrounding.atomic import atomic_open
 from multigrounding.datasets.synth import generate_synth
 from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.report import Evaluation, evaluate_run
-from multigrounding.heads.trainer import TrainConfig, continues_run, train
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+from multigrounding.heads.config import TrainConfig
+from multigrounding.heads.run_folder import RunFolder
+from multigrounding.heads.trainer import train
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images
+from multigrounding.pipeline.text_task import TextExtraction, extract_text
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def run_demo(out: str | Path, quick: bool = False, *, device: str = "auto",
     config = TrainConfig(images=str(cache / "train-images"), text=str(cache / "train-text"),
                          out=str(run), epochs=preset.epochs, batch_size=preset.batch_size,
                          lr=preset.lr, lr_milestones=[], dim=preset.dim, device=device)
-    resume = continues_run(config)
+    resume = RunFolder(run).continues(config)
     report = begin("train", f"4/5 training the heads: {preset.epochs} epochs, D = {preset.dim}, "
                             f"batch {preset.batch_size}")
     steps_per_epoch = preset.train_images // preset.batch_size

@@ -10,10 +10,11 @@ from PIL import Image
 from multigrounding.cli import main
 from multigrounding.datasets.manifest import read_manifest, write_manifest
 from multigrounding.datasets.synth import generate_synth
-from multigrounding.evaluation.pointing import box_mask, skip_reason
-from multigrounding.heads.trainer import TrainConfig, train
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+from multigrounding.evaluation.heatmap_metrics import box_mask, skip_reason
+from multigrounding.heads.config import TrainConfig
+from multigrounding.heads.trainer import train
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images
+from multigrounding.pipeline.text_task import TextExtraction, extract_text
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-39769"
 

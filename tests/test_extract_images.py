@@ -51,13 +51,13 @@ def test_extract_writes_every_level_and_records_the_config(synth, tmp_path):
     assert list(store.ids) == ids
     assert (store.status() == OK).all() and store.done_shards().all()
     assert (store.original_sizes() == 96).all()
-    spec_levels = store.config["levels"]
+    spec_levels = store.config.levels
     for level, declared in zip(store.levels, spec_levels):
-        assert level.shape == (10, store.grid, store.grid, declared["channels"])
+        assert level.shape == (10, store.grid, store.grid, declared.channels)
         values = level[:]
         assert values.dtype == np.float16 and np.isfinite(values).all() and values.any()
-    assert store.config["weights"]["weights"] == "random"  # never passes for a real run
-    assert store.config["weights"]["seed"] == 3
+    assert store.config.weights["weights"] == "random"  # never passes for a real run
+    assert store.config.weights["seed"] == 3
     # the batch reader returns the same rows, in the order asked
     rows = [7, 0, 3]
     batch = VisualBatchReader(tmp_path / "cache").read(rows)
@@ -83,7 +83,7 @@ def test_a_second_run_does_nothing_and_other_settings_are_refused(synth, tmp_pat
     assert changed.exit_code == 1 and "manifest.sha256" in changed.output
     replaced = extract(synth, tmp_path / "c", "--seed", "4", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
-    assert ImageFeatureStore.open(tmp_path / "c").config["weights"]["seed"] == 4
+    assert ImageFeatureStore.open(tmp_path / "c").config.weights["seed"] == 4
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(synth, tmp_path):

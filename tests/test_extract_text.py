@@ -61,7 +61,7 @@ def test_layout_spans_and_values_match_the_encoder(manifest, tmp_path):
         np.testing.assert_allclose(store.sequence_tokens(row), expected.tokens, atol=2e-3)
         np.testing.assert_allclose(store.sentence[row], expected.sentence, atol=2e-3)
     # a new shard of sequences starts on a token-shard boundary, so no two tasks share a zarr shard
-    token_shard = store.config["token_shard"]
+    token_shard = store.config.token_shard
     assert [int(group["captions/start"][r]) % token_shard for r in (0, 2, 4)] == [0, 0, 0]
     phrases = {name: list(group[f"phrases/{name}"][:]) for name in
                ("record", "index", "caption", "start", "length")}

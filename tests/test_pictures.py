@@ -5,7 +5,7 @@ from PIL import Image
 
 from multigrounding.errors import MultigroundingError, UnknownNameError
 from multigrounding.evaluation.pictures import PictureError, overlay, save_png
-from multigrounding.evaluation.pointing import point as pointing_point
+from multigrounding.evaluation.heatmap_metrics import point as pointing_point
 
 GREEN = (0, 255, 0)
 RED = (255, 0, 0)

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from multigrounding.datasets.records import Phrase
-from multigrounding.evaluation.pointing import (attention_correctness, box_mask, center_hit, is_hit,
-                                                point_and_correctness,
-                                                phrase_map, point, random_hit_rate, resize_to_image,
-                                                skip_reason)
+from multigrounding.evaluation.heatmap_metrics import (attention_correctness, box_mask, center_hit,
+                                                       is_hit, point, point_and_correctness,
+                                                       random_hit_rate, resize_to_image, skip_reason)
+from multigrounding.heads.inference import phrase_map
 
 
 def one_hot(grid: int, x: int, y: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from multigrounding.cli import main
 from multigrounding.datasets.synth import generate_synth
-from multigrounding.heads.trainer import TrainConfig, TrainingError, lr_at
-from multigrounding.pipeline.extract_images import ImageExtraction, extract_images
-from multigrounding.pipeline.extract_text import TextExtraction, extract_text
+from multigrounding.heads.config import ConfigError, TrainConfig, lr_at
+from multigrounding.pipeline.image_task import ImageExtraction, extract_images
+from multigrounding.pipeline.text_task import TextExtraction, extract_text
 
 
 def make_caches(root: Path, images: int, seed: int) -> dict:
@@ -121,7 +121,7 @@ def test_learning_rate_schedule_halves_at_the_milestones():
     assert [lr_at(config, e) for e in (0, 8, 9, 13, 14, 19)] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
     scaled = TrainConfig(images="i", text="t", out="o", epochs=4)
     assert scaled.milestones() == [2, 3]
-    with pytest.raises(TrainingError, match="unknown key 'epoch'"):
+    with pytest.raises(ConfigError, match="unknown key 'epoch'"):
         TrainConfig.from_dict({"images": "i", "text": "t", "out": "o", "epoch": 3})
 
 

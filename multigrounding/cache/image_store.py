@@ -14,6 +14,7 @@ sets ``done`` last. Resuming skips done shards.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from multigrounding.cache.store import Header, ShardedStore
+from multigrounding.cache.store import Header, ShardedStore, VerifyReport
 
 KIND = "images"
 PENDING, OK, FAILED = 0, 1, 2
@@ -31,30 +32,94 @@ ZSTD_LEVEL = 1
 
 
 @dataclass(frozen=True)
-class LevelShape:
+class LevelInfo:
+    """One cached level: the backbone's name for it, the module tapped, channels and stride."""
+
     name: str
+    module: str
     channels: int
+    stride: int
+
+
+@dataclass
+class ImageStoreConfig:
+    """A visual store's config, as its header records it (``to_json`` keeps the key order, so
+    the header's bytes do not change). ``weights`` is the backbone's weights record:
+    ``weights`` (imagenet | random | file), ``record``, ``source``, ``sha256``, ``seed``,
+    ``normalisation`` and, for downloaded files, ``file``."""
+
+    manifest_path: str
+    manifest: dict                  # {"sha256": ..., "images": N}
+    backbone: str
+    weights: dict
+    levels: list[LevelInfo]
+    grid: int
+    input_size: int
+    resize: str
+    dtype: str
+    shard_size: int
+    versions: dict
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ImageStoreConfig":
+        fields = {**data, "levels": [LevelInfo(**level) for level in data["levels"]]}
+        return cls(**fields)
+
+    def to_json(self) -> dict:
+        return {"manifest_path": self.manifest_path, "manifest": self.manifest,
+                "backbone": self.backbone, "weights": self.weights,
+                "levels": [dataclasses.asdict(level) for level in self.levels],
+                "grid": self.grid, "input_size": self.input_size, "resize": self.resize,
+                "dtype": self.dtype, "shard_size": self.shard_size, "versions": self.versions}
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.manifest["sha256"]
+
+    @property
+    def level_names(self) -> list[str]:
+        return [level.name for level in self.levels]
+
+    @property
+    def channels(self) -> list[int]:
+        return [level.channels for level in self.levels]
+
+    def identity(self) -> dict:
+        """What makes two stores' features comparable: the model, its weights, the levels."""
+        return {"backbone": self.backbone, "weights": self.weights.get("weights"),
+                "weights_sha256": self.weights.get("sha256"), "seed": self.weights.get("seed"),
+                "levels": self.level_names, "grid": self.grid, "input_size": self.input_size}
+
+
+@dataclass
+class ImageLayout:
+    """What the manifest alone decides about a visual store: the images, in manifest order."""
+
+    image_ids: list[str]
+    paths: list[str]
 
 
 class ImageFeatureStore(ShardedStore):
     """Reading and writing one visual feature store (see the module docstring for the layout).
 
-    ``create_or_resume(path, config, ids)`` takes the manifest ids as its layout."""
+    ``create_or_resume(path, config, layout)`` takes an ImageLayout."""
 
     KIND = KIND
+    CONFIG = ImageStoreConfig
+    UNIT = "images"
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
         self.levels = [group[f"visual/level{k}"] for k in range(len(header.config["levels"]))]
         super().__init__(path, group, header)
         self.num_images = self.num_items
-        self.grid = int(self.config["grid"])
+        self.grid = int(self.config.grid)
 
     def _count_items(self) -> int:
         return self.levels[0].shape[0]
 
     @classmethod
-    def _allocate(cls, group: zarr.Group, config: dict, ids: list[str]) -> None:
-        _allocate(group, config, ids)
+    def _allocate(cls, group: zarr.Group, config: ImageStoreConfig, layout: ImageLayout) -> None:
+        _allocate(group, config, layout.image_ids)
 
     def write_shard(self, shard: int, features: list[np.ndarray], status: np.ndarray,
                     failures: list[str], sizes: np.ndarray) -> None:
@@ -78,6 +143,10 @@ class ImageFeatureStore(ShardedStore):
     def original_sizes(self) -> np.ndarray:
         return self.group["original_size"][:]
 
+    def usable(self) -> np.ndarray:
+        """[N] bool: the images extracted without failure (failed rows are zeros: mask them)."""
+        return self.status() == OK
+
     def failures(self) -> list[tuple[int, str, str]]:
         """(row, image id, reason) of every image that failed."""
         status = self.status()
@@ -89,17 +158,50 @@ class ImageFeatureStore(ShardedStore):
 
     @property
     def bytes_per_image(self) -> int:
-        return sum(self.grid * self.grid * lv["channels"] * 2 for lv in self.config["levels"])
+        return sum(self.grid * self.grid * channels * 2 for channels in self.config.channels)
+
+    def progress(self) -> dict:
+        status, done = self.status(), self.done_shards()
+        return {"shards_done": int(done.sum()), "shards": self.num_shards,
+                "images": self.num_images, "ok": int((status == OK).sum()),
+                "failed": int((status == FAILED).sum()), "pending": int((status == PENDING).sum())}
+
+    # ---------------------------------------------------------------- verifying
+    def _check_layout(self, report: VerifyReport) -> None:
+        for k, (level, declared) in enumerate(zip(self.levels, self.config.levels)):
+            expected = (self.num_images, self.grid, self.grid, declared.channels)
+            if level.shape != expected:
+                report.problems.append(f"visual/level{k}: shape {level.shape}, config says {expected}")
+            if level.dtype != np.float16:
+                report.problems.append(f"visual/level{k}: dtype {level.dtype}, expected float16")
+        self._status = self.status()
+
+    def _check_shard(self, shard: int, rows: slice, report: VerifyReport) -> None:
+        """Present, finite, and zero where an image failed."""
+        status = self._status[rows]
+        if (status == PENDING).any():
+            report.problems.append(f"shard {shard}: marked done but has images without a status")
+        for k, level in enumerate(self.levels):
+            try:
+                values = level[rows]
+            except Exception as exc:  # a damaged shard file: say which, keep checking the rest
+                report.problems.append(f"shard {shard} visual/level{k}: unreadable ({exc})")
+                continue
+            flat = values.reshape(len(values), -1)
+            for row in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
+                report.problems.append(f"visual/level{k} image {rows.start + row}: NaN or Inf values")
+            for row in np.flatnonzero((status == FAILED) & flat.any(axis=1)):
+                report.problems.append(f"visual/level{k} image {rows.start + row}: failed but not zero")
 
 
-def _allocate(group: zarr.Group, config: dict, ids: list[str]) -> None:
+def _allocate(group: zarr.Group, config: ImageStoreConfig, ids: list[str]) -> None:
     """Create every array of a new store (no data written but the ids)."""
-    n, grid, shard = len(ids), int(config["grid"]), int(config["shard_size"])
+    n, grid, shard = len(ids), config.grid, config.shard_size
     shards = -(-n // shard)
     compressor = ZstdCodec(level=ZSTD_LEVEL)
     visual = group.create_group("visual")
-    for k, level in enumerate(config["levels"]):
-        shape = (n, grid, grid, int(level["channels"]))
+    for k, level in enumerate(config.levels):
+        shape = (n, grid, grid, level.channels)
         visual.create_array(f"level{k}", shape=shape, dtype="float16",
                             chunks=(1,) + shape[1:], shards=(shard,) + shape[1:],
                             compressors=compressor, fill_value=0)

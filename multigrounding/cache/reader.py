@@ -57,9 +57,8 @@ class TextBatchReader:
 
     def __init__(self, path: str | Path):
         self.store = TextFeatureStore.open(path)
-        group = self.store.group
-        self.start = group["captions/start"][:]
-        self.length = group["captions/length"][:].astype(np.int64)
+        self.start, length = self.store.sequence_spans()
+        self.length = length.astype(np.int64)
         self.tokens = open_tensorstore(Path(path) / "tokens")
         self.sentence = open_tensorstore(Path(path) / "sentence")
 

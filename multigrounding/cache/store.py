@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -143,22 +143,70 @@ def remove_stale_partials(path: str | Path) -> int:
     return count
 
 
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: how many shards it checked, and each problem in words."""
+
+    path: Path
+    checked_shards: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 class ShardedStore:
-    """What the visual and the text stores share: a header, shards of ``shard_size`` items,
-    and a ``done`` flag per shard. Subclasses set KIND, ``num_items`` and ``_allocate``."""
+    """What the visual and the text stores share: a header, a typed config, shards of
+    ``shard_size`` items and a ``done`` flag per shard. Subclasses set KIND, CONFIG (the typed
+    config class, with ``from_json``), ``_count_items``, ``_allocate``, ``progress`` and the
+    per-kind checks ``verify`` runs (``_check_layout``, ``_check_shard``)."""
 
     KIND = ""
+    CONFIG: type = dict
+    UNIT = "items"
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
         self.path = Path(path)
         self.group = group
         self.header = header
-        self.config = header.config
-        self.shard_size = int(self.config["shard_size"])
+        self.config = self.CONFIG.from_json(header.config)
+        self.shard_size = int(self.config.shard_size)
         self.num_items = self._count_items()
         self.num_shards = -(-self.num_items // self.shard_size)
 
     def _count_items(self) -> int:
+        raise NotImplementedError
+
+    def progress(self) -> dict:
+        """Counts for ``cache info``: shards done, items, and the kind's own totals."""
+        raise NotImplementedError
+
+    def failures(self) -> list[tuple[int, str, str]]:
+        """(row, id, reason) of every item that could not be extracted."""
+        return []
+
+    def verify(self, progress=None) -> VerifyReport:
+        """Read every done shard back with the kind's checks; name every shard not done."""
+        report = VerifyReport(self.path)
+        self._check_layout(report)
+        done = self.done_shards()
+        for shard in range(self.num_shards):
+            rows = self.shard_slice(shard)
+            if not done[shard]:
+                report.problems.append(f"shard {shard} ({self.UNIT} {rows.start}-{rows.stop - 1}): "
+                                       "not extracted yet; run the extract command again to finish it")
+            else:
+                self._check_shard(shard, rows, report)
+            report.checked_shards += 1
+            if progress is not None:
+                progress(1)
+        return report
+
+    def _check_layout(self, report: VerifyReport) -> None:
+        raise NotImplementedError
+
+    def _check_shard(self, shard: int, rows: slice, report: VerifyReport) -> None:
         raise NotImplementedError
 
     @classmethod
@@ -166,10 +214,10 @@ class ShardedStore:
         raise NotImplementedError
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, config: dict, layout, overwrite: bool = False):
-        """Driver side: a new store for ``config`` (arrays allocated from ``layout``, nothing
-        computed) or the matching existing one. Returns (store, resumed)."""
-        group, header, resumed = prepare_store(path, cls.KIND, config, overwrite)
+    def create_or_resume(cls, path: str | Path, config, layout, overwrite: bool = False):
+        """Driver side: a new store for ``config`` (the typed config; arrays allocated from
+        ``layout``, nothing computed) or the matching existing one. Returns (store, resumed)."""
+        group, header, resumed = prepare_store(path, cls.KIND, config.to_json(), overwrite)
         if not resumed:
             cls._allocate(group, config, layout)
         return cls(path, group, header), resumed

@@ -35,9 +35,80 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from multigrounding.cache.store import Header, ShardedStore
+from multigrounding.cache.store import Header, ShardedStore, VerifyReport
 
 KIND = "text"
+PHRASE_FIELDS = ("record", "index", "caption", "start", "length")
+
+
+@dataclass
+class TextStoreConfig:
+    """A text store's config, as its header records it (``to_json`` keeps the key order).
+    ``encoder`` is the encoder's own config (its name, files' sha256, versions)."""
+
+    manifest_path: str
+    manifest: dict                  # {"sha256": ..., "images": N, "sequences": C}
+    encoder: dict
+    encoder_files: dict             # where ELMo's files lay (not fingerprinted)
+    num_layers: int
+    dim: int
+    num_sentence_vectors: int
+    words: str
+    max_words: int
+    dtype: str
+    shard_size: int
+    token_shard: int
+    versions: dict
+    phrases_alone: bool = False     # recorded only when set (older stores keep their fingerprint)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TextStoreConfig":
+        return cls(**data)
+
+    def to_json(self) -> dict:
+        data = {"manifest_path": self.manifest_path, "manifest": self.manifest,
+                "encoder": self.encoder, "encoder_files": self.encoder_files,
+                "num_layers": self.num_layers, "dim": self.dim,
+                "num_sentence_vectors": self.num_sentence_vectors, "words": self.words,
+                "max_words": self.max_words, "dtype": self.dtype, "shard_size": self.shard_size,
+                "token_shard": self.token_shard, "versions": self.versions}
+        if self.phrases_alone:
+            data["phrases_alone"] = True
+        return data
+
+    @property
+    def manifest_sha256(self) -> str:
+        return self.manifest["sha256"]
+
+    def identity(self) -> dict:
+        """What makes two text stores comparable: the encoder and its weights (not where it lay)."""
+        encoder = {k: v for k, v in self.encoder.items() if k not in ("model", "versions")}
+        return {"encoder": encoder, "num_layers": self.num_layers, "dim": self.dim}
+
+
+@dataclass
+class Captions:
+    """Which image each sequence belongs to, and which sequences are manifest captions."""
+
+    image: np.ndarray               # (C,) int32
+    is_caption: np.ndarray          # (C,) bool
+
+    def usable(self, usable_images: np.ndarray) -> np.ndarray:
+        """Rows of the captions (training text) whose image is usable (``usable_images`` [N] bool)."""
+        return np.flatnonzero(self.is_caption & usable_images[self.image])
+
+
+@dataclass
+class Labels:
+    """The phrase labels of the captions (``datasets phrases``): per label its caption sequence,
+    word positions (``words[offset:offset+count]``), kind and key."""
+
+    sequence: np.ndarray
+    offset: np.ndarray
+    count: np.ndarray
+    kind: np.ndarray
+    words: np.ndarray
+    key: np.ndarray
 
 
 @dataclass
@@ -72,6 +143,8 @@ class TextFeatureStore(ShardedStore):
     ``create_or_resume(path, config, layout)`` takes a TextLayout."""
 
     KIND = KIND
+    CONFIG = TextStoreConfig
+    UNIT = "sequences"
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
         super().__init__(path, group, header)
@@ -83,7 +156,7 @@ class TextFeatureStore(ShardedStore):
         return self.group["captions/start"].shape[0]
 
     @classmethod
-    def _allocate(cls, group: zarr.Group, config: dict, layout: TextLayout) -> None:
+    def _allocate(cls, group: zarr.Group, config: TextStoreConfig, layout: TextLayout) -> None:
         _allocate(group, config, layout)
 
     def write_shard(self, shard: int, tokens: np.ndarray, words: list[str],
@@ -105,6 +178,50 @@ class TextFeatureStore(ShardedStore):
                 "captions": int(self.group["captions/is_caption"][:].sum()),
                 "phrases": int(self.group["phrases/record"].shape[0])}
 
+    # ---------------------------------------------------------------- reading
+    def captions(self) -> Captions:
+        return Captions(self.group["captions/image"][:],
+                        self.group["captions/is_caption"][:].astype(bool))
+
+    def sequence_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """(start, length) of every sequence's words in ``tokens``."""
+        return self.group["captions/start"][:], self.group["captions/length"][:]
+
+    def phrase_spans(self) -> dict[str, np.ndarray]:
+        """Every manifest phrase: its record row and index, the sequence and words it spans, and
+        ``alone`` (the sequence holding it alone, -1 if none; None when the store predates it)."""
+        spans = {name: self.group[f"phrases/{name}"][:] for name in PHRASE_FIELDS}
+        spans["alone"] = self.group["phrases/alone"][:] if "phrases/alone" in self.group else None
+        return spans
+
+    @property
+    def has_labels(self) -> bool:
+        return "labels" in self.group
+
+    def labels(self) -> Labels | None:
+        if not self.has_labels:
+            return None
+        group = self.group["labels"]
+        return Labels(**{name: group[name][:] for name in
+                         ("sequence", "offset", "count", "kind", "words", "key")})
+
+    # ---------------------------------------------------------------- verifying
+    def _check_layout(self, report: VerifyReport) -> None:
+        layers, dim = self.config.num_layers, self.config.dim
+        if self.tokens.shape[1:] != (layers, dim) or self.tokens.dtype != np.float16:
+            report.problems.append(f"tokens: shape {self.tokens.shape} {self.tokens.dtype}, "
+                                   f"config says (T, {layers}, {dim}) float16")
+        self._spans = self.sequence_spans()
+
+    def _check_shard(self, shard: int, rows: slice, report: VerifyReport) -> None:
+        """Every token and sentence vector of the shard present and finite."""
+        starts, lengths = self._spans
+        first = int(starts[rows.start])
+        last = int(starts[rows.stop - 1] + lengths[rows.stop - 1])
+        for name, values in (("tokens", self.tokens[first:last]), ("sentence", self.sentence[rows])):
+            if not np.isfinite(values).all():
+                report.problems.append(f"shard {shard} {name}: NaN or Inf values")
+
     def sequence_tokens(self, row: int) -> np.ndarray:
         """[words, L, D] float16 of one sequence."""
         start = int(self.group["captions/start"][row])
@@ -112,9 +229,9 @@ class TextFeatureStore(ShardedStore):
         return self.tokens[start:start + length]
 
 
-def _allocate(group: zarr.Group, config: dict, layout: TextLayout) -> None:
-    count, layers, dim = len(layout.words), int(config["num_layers"]), int(config["dim"])
-    vectors = int(config["num_sentence_vectors"])
+def _allocate(group: zarr.Group, config: TextStoreConfig, layout: TextLayout) -> None:
+    count, layers, dim = len(layout.words), config.num_layers, config.dim
+    vectors = config.num_sentence_vectors
     shard, token_shard = layout.shard_size, layout.token_shard
     compressor = ZstdCodec(level=3)
     group.create_array("image_ids", shape=(len(layout.image_ids),), dtype=str,
@@ -151,32 +268,3 @@ def _allocate(group: zarr.Group, config: dict, layout: TextLayout) -> None:
                        fill_value=0)
 
 
-def verify_text_store(path: str | Path, progress=None):
-    """Every shard done, its tokens and sentence vectors finite and of the declared shape."""
-    from multigrounding.cache.inspect import VerifyReport
-
-    store = TextFeatureStore.open(path)
-    report = VerifyReport(Path(path))
-    layers, dim = int(store.config["num_layers"]), int(store.config["dim"])
-    if store.tokens.shape[1:] != (layers, dim) or store.tokens.dtype != np.float16:
-        report.problems.append(f"tokens: shape {store.tokens.shape} {store.tokens.dtype}, "
-                               f"config says (T, {layers}, {dim}) float16")
-    done = store.done_shards()
-    starts = store.group["captions/start"][:]
-    lengths = store.group["captions/length"][:]
-    for shard in range(store.num_shards):
-        rows = store.shard_slice(shard)
-        if not done[shard]:
-            report.problems.append(f"shard {shard} (sequences {rows.start}-{rows.stop - 1}): not "
-                                   "extracted yet; run the extract command again to finish it")
-        else:
-            first = int(starts[rows.start])
-            last = int(starts[rows.stop - 1] + lengths[rows.stop - 1])
-            for name, values in (("tokens", store.tokens[first:last]),
-                                 ("sentence", store.sentence[rows])):
-                if not np.isfinite(values).all():
-                    report.problems.append(f"shard {shard} {name}: NaN or Inf values")
-        report.checked_shards += 1
-        if progress is not None:
-            progress(1)
-    return report

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from multigrounding.atomic import atomic_open
 from multigrounding.errors import MultigroundingError, UnknownNameError
-from multigrounding.evaluation.pointing import resize_to_image
+from multigrounding.evaluation.heatmap_metrics import resize_to_image
 
 logger = logging.getLogger(__name__)
 

@@ -17,14 +17,16 @@ import numpy as np
 from PIL import Image
 
 from multigrounding.atomic import atomic_open
-from multigrounding.cache.image_store import OK
+from multigrounding.cache.image_store import ImageStoreConfig
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheMismatchError
+from multigrounding.cache.text_store import TextStoreConfig
 from multigrounding.datasets.manifest import read_manifest
-from multigrounding.evaluation.grounding import PointingResult, evaluate_pointing
+from multigrounding.devices import resolve_device
+from multigrounding.evaluation.phrase_pointing import PointingResult, evaluate_pointing
 from multigrounding.evaluation.pictures import overlay, save_png
 from multigrounding.evaluation.retrieval import fold_metrics, retrieval_metrics, score_matrix
-from multigrounding.heads.trainer import load_heads, resolve_device
+from multigrounding.heads.checkpoint import Checkpoint, load_heads
 
 METRICS_FILE, REPORT_FILE, PICTURES_DIR = "metrics.json", "report.md", "pictures"
 
@@ -48,34 +50,19 @@ class Evaluation:
     device: str = "auto"
 
 
-def image_identity(config: dict) -> dict:
-    """What makes two image stores' features comparable: the model, its weights, the levels."""
-    weights = config["weights"]
-    return {"backbone": config["backbone"], "weights": weights.get("weights"),
-            "weights_sha256": weights.get("sha256"), "seed": weights.get("seed"),
-            "levels": [lv["name"] for lv in config["levels"]], "grid": config["grid"],
-            "input_size": config["input_size"]}
-
-
-def text_identity(config: dict) -> dict:
-    """What makes two text stores comparable: the encoder and its weights (not where it lay)."""
-    encoder = {k: v for k, v in config["encoder"].items() if k not in ("model", "versions")}
-    return {"encoder": encoder, "num_layers": config["num_layers"], "dim": config["dim"]}
-
-
-def check_same_models(state: dict, image_store, text_store) -> None:
+def check_same_models(saved: Checkpoint, image_store, text_store) -> None:
     """Refuse stores whose features come from other models than the ones the run was trained on."""
-    run_path = state["path"]
-    for kind, identity, store in (("image", image_identity, image_store), ("text", text_identity, text_store)):
-        trained = state.get(f"{kind}_config")
-        if trained is None:
+    for kind, config_class, trained, store in (
+            ("image", ImageStoreConfig, saved.image_config, image_store),
+            ("text", TextStoreConfig, saved.text_config, text_store)):
+        if not trained:
             continue  # a checkpoint from before the configs were kept: nothing to compare
-        want, got = identity(trained), identity(store.config)
+        want, got = config_class.from_json(trained).identity(), store.config.identity()
         if want != got:
             keys = [k for k in want if want[k] != got.get(k)]
             detail = "; ".join(f"{k}: run {_short(want[k])} vs cache {_short(got.get(k))}" for k in keys)
             raise CacheMismatchError(f"{store.path} holds {kind} features of another model than the "
-                                     f"run {run_path} was trained on ({detail}); extract them with "
+                                     f"run {saved.path} was trained on ({detail}); extract them with "
                                      f"the run's model")
 
 
@@ -87,11 +74,11 @@ def _short(value) -> str:
 def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Run the evaluation and write its files; returns the metrics. ``progress(stage, done, total)``."""
     started = time.perf_counter()
-    device = str(resolve_device(job.device))
-    heads, state = load_heads(job.run, job.checkpoint, device)
-    config = state["config"]
+    device = resolve_device(job.device)
+    heads, saved = load_heads(job.run, job.checkpoint, device)
+    config = saved.config
     visual, words = VisualBatchReader(job.images), TextBatchReader(job.text)
-    check_same_models(state, visual.store, words.store)
+    check_same_models(saved, visual.store, words.store)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -103,8 +90,8 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
                                  device=device, batch_size=job.batch_size,
                                  heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
                                  progress=pointing_progress)
-    metrics = {"run": str(job.run), "checkpoint": state["path"], "epoch": state["epoch"],
-               "step": state["step"], "manifest": str(job.manifest), "images": str(job.images),
+    metrics = {"run": str(job.run), "checkpoint": saved.path, "epoch": saved.epoch,
+               "step": saved.step, "manifest": str(job.manifest), "images": str(job.images),
                "text": str(job.text), "mode": job.mode, "pointing": pointing.summary()}
     if job.retrieval:
         retrieval_started = time.perf_counter()
@@ -146,14 +133,13 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
 
 def retrieval_rows(image_store, text_store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The usable test images (columns), their captions (rows) and each caption's column."""
-    group = text_store.group
-    caption_image = group["captions/image"][:]
-    is_caption = group["captions/is_caption"][:].astype(bool)
-    image_rows = np.flatnonzero(image_store.status() == OK)
+    usable = image_store.usable()
+    image_rows = np.flatnonzero(usable)
     column = np.full(image_store.num_images, -1, np.int64)
     column[image_rows] = np.arange(len(image_rows))
-    caption_rows = np.flatnonzero(is_caption & (column[caption_image] >= 0))
-    return image_rows, caption_rows, column[caption_image[caption_rows]]
+    captions = text_store.captions()
+    caption_rows = captions.usable(usable)
+    return image_rows, caption_rows, column[captions.image[caption_rows]]
 
 
 def sample_outcomes(pointing: PointingResult, count: int, seed: int) -> list[int]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from multigrounding.errors import MultigroundingError, UnknownNameError
+from multigrounding.heads.inference import map_images, map_text
 from multigrounding.heads.scores import cross_scores, heatmap_kind
 
 log = logging.getLogger(__name__)
@@ -206,11 +207,9 @@ def score_matrix(heads, visual_reader, text_reader, image_rows: Sequence[int],
 
     def map_captions(rows: np.ndarray):
         tokens, mask, sentence = text_reader.read(rows)
-        words = heads.map_words(torch.from_numpy(np.asarray(tokens)).to(device).float()) \
-            if use_words else None
+        words, sentence = map_text(heads, tokens if use_words else None,
+                                   sentence if use_sentence else None, device)
         mask = torch.from_numpy(np.asarray(mask, dtype=bool)).to(device) if use_words else None
-        sentence = heads.map_sentence(torch.from_numpy(np.asarray(sentence)).to(device).float()) \
-            if use_sentence else None
         return words, mask, sentence
 
     cache: dict[int, tuple] = {}
@@ -221,8 +220,7 @@ def score_matrix(heads, visual_reader, text_reader, image_rows: Sequence[int],
         for i0 in range(0, len(image_rows), image_block):
             i1 = min(i0 + image_block, len(image_rows))
             levels = visual_reader.read(image_rows[i0:i1])
-            visual = heads.map_visual([torch.from_numpy(np.asarray(x)).to(device).float()
-                                       for x in levels])
+            visual = map_images(heads, levels, device)
             for c0 in range(0, len(caption_rows), caption_block):
                 c1 = min(c0 + caption_block, len(caption_rows))
                 mapped = cache.get(c0)

@@ -15,9 +15,9 @@ from typing import Iterator
 
 import numpy as np
 
-from multigrounding.cache.image_store import OK
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheIncompleteError, CacheMismatchError
+from multigrounding.cache.text_store import Labels
 
 
 @dataclass
@@ -54,47 +54,42 @@ class PairedCaches:
             if missing:
                 raise CacheIncompleteError(f"{store.path}: {missing} of {store.num_shards} shards are "
                                            "not extracted; run the extract command again to finish")
-        image_sha = image_store.config["manifest"]["sha256"]
-        text_sha = text_store.config["manifest"]["sha256"]
+        image_sha, text_sha = image_store.config.manifest_sha256, text_store.config.manifest_sha256
         if image_sha != text_sha:
             raise CacheMismatchError(
                 f"{images} and {text} were made for different manifests (sha256 {image_sha[:12]}… "
                 f"vs {text_sha[:12]}…): extract both from the same manifest")
-        group = text_store.group
-        caption_image = group["captions/image"][:]
-        is_caption = group["captions/is_caption"][:].astype(bool)
-        usable = image_store.status() == OK
-        rows = np.flatnonzero(is_caption & usable[caption_image])
-        order = np.argsort(caption_image[rows], kind="stable")
+        captions = text_store.captions()
+        rows = captions.usable(image_store.usable())
+        order = np.argsort(captions.image[rows], kind="stable")
         rows = rows[order]
-        images, starts = np.unique(caption_image[rows], return_index=True)
+        images, starts = np.unique(captions.image[rows], return_index=True)
         self.image_rows = images                                  # usable images with captions
         self.caption_rows = np.split(rows, starts[1:]) if len(rows) else []
         self.image_config = image_store.config
         self.text_config = text_store.config
-        self.has_labels = "labels" in group
-        if self.has_labels:
-            self._load_labels(group, caption_image, image_store.num_images)
+        labels = text_store.labels()
+        self.has_labels = labels is not None
+        if labels is not None:
+            self._load_labels(labels, captions.image, image_store.num_images)
         self.fingerprints = {"images": image_store.header.fingerprint,
                              "text": text_store.header.fingerprint}
 
     def __len__(self) -> int:
         return len(self.image_rows)
 
-    def _load_labels(self, group, caption_image: np.ndarray, images: int) -> None:
+    def _load_labels(self, labels: Labels, caption_image: np.ndarray, images: int) -> None:
         """Labels by caption (sorted, for searchsorted) and each image's set of label keys over
         all its captions: a label of another image is a negative only if none of them has it."""
-        labels = group["labels"]
-        sequence = labels["sequence"][:]
-        self._label_order = np.argsort(sequence, kind="stable")
-        self._label_sequence = sequence[self._label_order]
-        self._label_offset = labels["offset"][:]
-        self._label_count = labels["count"][:]
-        self._label_words = labels["words"][:]
-        _, key_ids = np.unique(labels["key"][:], return_inverse=True)
+        self._label_order = np.argsort(labels.sequence, kind="stable")
+        self._label_sequence = labels.sequence[self._label_order]
+        self._label_offset = labels.offset
+        self._label_count = labels.count
+        self._label_words = labels.words
+        _, key_ids = np.unique(labels.key, return_inverse=True)
         self._label_key = key_ids
         self.image_keys: list[set[int]] = [set() for _ in range(images)]
-        for seq, key in zip(sequence, key_ids):
+        for seq, key in zip(labels.sequence, key_ids):
             self.image_keys[caption_image[seq]].add(int(key))
 
     def batch_labels(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> BatchLabels:

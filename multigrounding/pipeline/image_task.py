@@ -1,34 +1,43 @@
-"""One shard of visual extraction, as run on a dask worker: read → backbone → write.
+"""``extract images``: a frozen backbone over a manifest's images, one shard task at a time.
 
-The function is module-level and takes only plain, picklable arguments, so dask can ship it to
-threads, spawned processes or a distributed cluster alike. The model is loaded once per worker
-process (``_MODELS``), warmed up front under dask.distributed (see ``warmup``). Decoding of the
-next batch runs on a thread while the backbone computes the current one (Pillow releases the
-GIL), and an image that fails to decode is recorded, not fatal.
+``ImageExtraction`` is the job (one flat config) that ``driver.run_sharded`` runs; its shard task
+``run_image_shard`` reads → runs the backbone → writes one whole shard. The task is module-level
+and takes only plain, picklable arguments, so dask can ship it to threads, spawned processes or a
+distributed cluster alike. Decoding of the next batch runs on a thread while the backbone
+computes the current one (Pillow releases the GIL), and an image that fails to decode is
+recorded, not fatal.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import zarr
 
-from multigrounding.cache.image_store import FAILED, OK, ImageFeatureStore
+from multigrounding import __version__
+from multigrounding.cache.fingerprint import file_sha256, package_versions
+from multigrounding.cache.image_store import (FAILED, OK, ImageFeatureStore, ImageLayout,
+                                              ImageStoreConfig, LevelInfo)
 from multigrounding.datasets.images import ImageProblem, load_rgb
+from multigrounding.datasets.manifest import read_manifest
+from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
+                                             ExtractionSummary, ShardResult, run_sharded)
+from multigrounding.pipeline.models import get_model
+from multigrounding.settings import setting
 
 log = logging.getLogger(__name__)
 
-_MODELS: dict[tuple, object] = {}
-_MODELS_LOCK = threading.Lock()
+VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite-pytorch", "pillow")
 
 
 @dataclass(frozen=True)
-class ModelKey:
+class BackboneKey:
     """Everything needed to build the same backbone in any process."""
 
     backbone: str
@@ -37,37 +46,84 @@ class ModelKey:
     device: str
     torch_threads: int
 
+    def build(self):
+        from multigrounding.pipeline.backbones import create_backbone
+
+        return create_backbone(self.backbone, self.weights, seed=self.seed, device=self.device)
+
 
 @dataclass
-class ShardResult:
-    shard: int
-    images: int
-    failed: list[tuple[int, str]] = field(default_factory=list)  # (row, reason)
-    error: str | None = None          # the shard could not be written at all
-    read_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    write_seconds: float = 0.0
+class ImageExtraction:
+    """Everything ``extract images`` takes (one flat config)."""
+
+    unit: ClassVar[str] = "images"
+    store_class: ClassVar[type] = ImageFeatureStore
+
+    manifest: Path = setting(None, "The manifest whose images to extract.", kind="path",
+                             path="file", required=True, cli=False)
+    cache: Path = setting(None, "The feature store to write (a folder).", kind="path", path="dir",
+                          required=True)
+    backbone: str = setting("efficientnet_lite0", "The frozen CNN.", kind="str",
+                            registry="backbones")
+    weights: str = setting("imagenet", "imagenet (the library's download and cache), random "
+                                       "(tests only; recorded as such) or a path to a state-dict "
+                                       "file.", kind="str")
+    seed: int = setting(0, "Seed for --weights random.", kind="int")
+    shard_size: int = setting(128, "Images per shard: the unit of work, retry and resumption.",
+                              kind="int", minimum=1)
+    batch_size: int = setting(16, "Images per forward pass.", kind="int", minimum=1)
+    device: str = setting("auto", DEVICE_HELP, kind="str")
+    scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
+    workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
+
+    def layout(self) -> ImageLayout:
+        records = list(read_manifest(self.manifest))
+        return ImageLayout([r.id for r in records], [r.image for r in records])
+
+    def item_ids(self, layout: ImageLayout) -> list[str]:
+        return layout.image_ids
+
+    def counts(self, layout: ImageLayout) -> dict[str, int]:
+        return {}
+
+    def model_key(self, device: str, torch_threads: int) -> BackboneKey:
+        return BackboneKey(self.backbone, self.weights, self.seed, device, torch_threads)
+
+    def store_config(self, backbone, layout: ImageLayout) -> ImageStoreConfig:
+        """What shaped the numbers (fingerprinted) and the layout."""
+        spec = backbone.spec
+        return ImageStoreConfig(
+            manifest_path=str(Path(self.manifest).resolve()),
+            manifest={"sha256": file_sha256(self.manifest), "images": len(layout.image_ids)},
+            backbone=spec.name,
+            weights=backbone.weights_info,
+            levels=[LevelInfo(lv.name, lv.module, lv.channels, lv.stride) for lv in spec.levels],
+            grid=spec.grid,
+            input_size=spec.input_size,
+            resize="bilinear, no crop, aspect not kept; levels bilinear to grid",
+            dtype="float16",
+            shard_size=self.shard_size,
+            versions={"multigrounding": __version__, **package_versions(VERSIONED_PACKAGES)})
+
+    def shard_inputs(self, layout: ImageLayout, rows: slice) -> list[str]:
+        return layout.paths[rows]
+
+    @staticmethod
+    def task(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
+             batch_size: int) -> ShardResult:
+        return run_image_shard(store_path, shard, image_paths, key, batch_size)
 
 
-def get_backbone(key: ModelKey):
-    """The backbone for ``key``, built once per process."""
-    with _MODELS_LOCK:
-        model = _MODELS.get(key)
-        if model is None:
-            import torch
-
-            from multigrounding.pipeline.backbones import create_backbone
-
-            torch.set_num_threads(key.torch_threads)
-            model = create_backbone(key.backbone, key.weights, seed=key.seed, device=key.device)
-            _MODELS[key] = model
-        return model
+def extract_images(job: ImageExtraction, progress=None) -> ExtractionSummary:
+    """Extract every image not yet in the store; ``progress(done, total)`` after each shard."""
+    return run_sharded(job, progress)
 
 
-def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: ModelKey,
+def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
                     batch_size: int) -> ShardResult:
     """Extract and write one whole shard; never raises (errors come back in the result)."""
-    result = ShardResult(shard=shard, images=len(image_paths))
+    result = ShardResult(shard=shard, items=len(image_paths))
     try:
         _extract_shard(store_path, shard, image_paths, key, batch_size, result)
     except Exception as exc:  # report, so one bad shard does not stop the others
@@ -76,11 +132,11 @@ def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: Mo
     return result
 
 
-def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: ModelKey,
+def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
                    batch_size: int, result: ShardResult) -> None:
     import torch
 
-    model = get_backbone(key)
+    model = get_model(key)
     spec = model.spec
     size, grid = spec.input_size, spec.grid
     count = len(image_paths)

@@ -12,12 +12,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from multigrounding.cache.image_store import ImageStoreConfig
+from multigrounding.cache.text_store import TextStoreConfig
 from multigrounding.datasets.images import load_rgb
+from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
-from multigrounding.evaluation.grounding import phrase_from_words
-from multigrounding.evaluation.pointing import point
+from multigrounding.evaluation.heatmap_metrics import point
+from multigrounding.heads.checkpoint import Checkpoint, load_heads
+from multigrounding.heads.inference import (grid_of, map_images, map_text, phrase_heatmap,
+                                            sentence_heatmap)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
-from multigrounding.heads.trainer import load_heads, resolve_device
+from multigrounding.pipeline.backbones import create_backbone_from
+from multigrounding.pipeline.text_encoders import create_text_encoder
 
 
 class GroundInputError(MultigroundingError, ValueError):
@@ -55,36 +61,25 @@ def find_phrase(words: list[str], phrase: str) -> list[int]:
                            f"words, as written)")
 
 
-def build_models(state: dict, device: str, elmo_options=None, elmo_weights=None):
+def build_models(saved: Checkpoint, device: str, elmo_options=None, elmo_weights=None):
     """The run's backbone and text encoder, with the weights it was trained on."""
-    from multigrounding.pipeline.backbones import create_backbone
-    from multigrounding.pipeline.text_encoders import create_text_encoder
-
-    image_config, text_config = state.get("image_config"), state.get("text_config")
-    if image_config is None or text_config is None:
-        raise MultigroundingError(f"{state['path']}: this checkpoint does not record its models "
+    if not saved.image_config or not saved.text_config:
+        raise MultigroundingError(f"{saved.path}: this checkpoint does not record its models "
                                   "(made by an older version); train the run again to ground with it")
-    weights = image_config["weights"]
-    kind = weights["weights"]
-    source = {"imagenet": weights.get("record") or "imagenet", "random": "random"}.get(kind, weights.get("source"))
-    backbone = create_backbone(image_config["backbone"], source, seed=weights.get("seed") or 0,
-                               device=device)
-    if backbone.weights_info.get("sha256") != weights.get("sha256"):
-        raise MultigroundingError(f"{image_config['backbone']} weights {source} have sha256 "
-                                  f"{backbone.weights_info.get('sha256')}, not the {weights.get('sha256')} "
-                                  f"the run was trained on")
-    encoder_config = text_config["encoder"]
-    files = text_config.get("encoder_files") or {}
-    encoder = create_text_encoder(encoder_config["name"],
+    image_config = ImageStoreConfig.from_json(saved.image_config)
+    text_config = TextStoreConfig.from_json(saved.text_config)
+    backbone = create_backbone_from(image_config, device=device)
+    files = text_config.encoder_files or {}
+    encoder = create_text_encoder(text_config.encoder["name"],
                                   elmo_options=elmo_options or files.get("elmo_options"),
                                   elmo_weights=elmo_weights or files.get("elmo_weights"),
-                                  device=device, max_words=int(text_config.get("max_words", 64)))
-    trained = {k: v for k, v in encoder_config.items() if k.endswith("sha256")}
+                                  device=device, max_words=text_config.max_words)
+    trained = {k: v for k, v in text_config.encoder.items() if k.endswith("sha256")}
     now = {k: v for k, v in encoder.config().items() if k.endswith("sha256")}
     if trained != now:
-        raise MultigroundingError(f"text encoder {encoder_config['name']}: its files differ from the "
-                                  f"ones the run was trained on ({trained} vs {now})")
-    return backbone, encoder
+        raise MultigroundingError(f"text encoder {text_config.encoder['name']}: its files differ "
+                                  f"from the ones the run was trained on ({trained} vs {now})")
+    return backbone, encoder, image_config
 
 
 @torch.no_grad()
@@ -96,29 +91,26 @@ def ground_image(run: str | Path, image: str | Path, sentence: str, phrases: lis
     if not words:
         raise GroundInputError("the sentence is empty")
     spans = [(text, "phrase", find_phrase(words, text)) for text in phrases or ()]
-    device = str(resolve_device(device))
-    heads, state = load_heads(run, checkpoint, device)
-    backbone, encoder = build_models(state, device, elmo_options, elmo_weights)
+    device = resolve_device(device)
+    heads, saved = load_heads(run, checkpoint, device)
+    backbone, encoder, image_config = build_models(saved, device, elmo_options, elmo_weights)
     pixels, (width, height) = load_rgb(image, backbone.spec.input_size)
     levels = backbone.forward(torch.from_numpy(np.array(pixels))[None])
     encoded = encoder.encode([words])[0]
-    v = heads.map_visual([level.to(device) for level in levels])
-    s = heads.map_words(torch.from_numpy(encoded.tokens)[None].to(device))
-    sbar = heads.map_sentence(torch.from_numpy(encoded.sentence)[None].to(device))
-    heatmap = state["config"]["heatmap"]
+    v = map_images(heads, levels, device)
+    s, sbar = map_text(heads, encoded.tokens[None], encoded.sentence[None], device)
+    heatmap = saved.config["heatmap"]
     wg = word_grounding(s, None, v, heatmap=heatmap)
-    grid = int(round(v.shape[1] ** 0.5))
-    names = [lv["name"] for lv in state["image_config"]["levels"]]
-    names = [names[k] for k in heads.config.used_levels]
+    grid = grid_of(v)
+    names = [image_config.level_names[k] for k in heads.config.used_levels]
     items = []
     if not phrases:
         sg = sentence_grounding(sbar, v, heatmap=heatmap)
-        level = int(sg["level"][0])
-        heat = sg["heatmaps"][0, :, level].reshape(grid, grid).cpu()
+        heat, level = sentence_heatmap(sg, 0, grid)
         items.append(_item(sentence, "sentence", heat, level, float(sg["score"][0]), names, width, height))
         spans = [(word, "word", [t]) for t, word in enumerate(words)]
     for text, kind, positions in spans:
-        heat, level = phrase_from_words(wg, 0, positions, grid)
+        heat, level = phrase_heatmap(wg, 0, positions, grid)
         score = float(wg["score"][0, positions].max())
         items.append(_item(text, kind, heat, level, score, names, width, height))
     return Grounding(Path(image), width, height, items)

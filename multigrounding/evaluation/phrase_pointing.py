@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from multigrounding.cache.fingerprint import file_sha256
+from multigrounding.cache.image_store import OK
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheMismatchError
-from multigrounding.cache.fingerprint import file_sha256
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.errors import DatasetError, UnknownNameError
-from multigrounding.evaluation.pointing import (center_hit, is_hit, phrase_map, point_and_correctness,
-                                                random_hit_rate, skip_reason)
+from multigrounding.evaluation.heatmap_metrics import (center_hit, is_hit, point_and_correctness,
+                                                       random_hit_rate, skip_reason)
+from multigrounding.heads.inference import (grid_of, map_images, map_text, phrase_heatmap,
+                                            sentence_heatmap)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
 
 MODES = ("sentence", "query")
@@ -96,17 +99,6 @@ def _means(outcomes: list[PhraseOutcome]) -> dict:
             "random_baseline": float(np.mean([o.random_hit for o in outcomes]))}
 
 
-def phrase_from_words(grounded: dict, b: int, positions: list[int], grid: int
-                      ) -> tuple[torch.Tensor | None, int]:
-    """The phrase heatmap [M, M] of words ``positions`` of sequence ``b`` (``word_grounding``'s
-    output), weighted by their scores R_t, and the level of its most relevant word."""
-    chosen = grounded["level"][b, positions]
-    scores = grounded["score"][b, positions]
-    maps = torch.stack([grounded["heatmaps"][b, t, :, chosen[i]] for i, t in enumerate(positions)])
-    heat = phrase_map(maps.reshape(-1, grid, grid).cpu(), scores.clamp(min=0).cpu())
-    return heat, int(chosen[int(torch.argmax(scores))])
-
-
 @torch.no_grad()
 def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str | Path, *,
                       mode: str = "sentence", device: str = "cpu", batch_size: int = 32,
@@ -123,20 +115,18 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
     records = list(read_manifest(manifest))
     sizes = visual.store.original_sizes()
     status = visual.store.status()
-    group = words.store.group
-    spans = {name: group[f"phrases/{name}"][:] for name in ("record", "index", "caption", "start", "length")}
-    alone = group["phrases/alone"][:] if "phrases/alone" in group else None
-    caption_image = group["captions/image"][:]
-    is_caption = group["captions/is_caption"][:].astype(bool)
+    spans = words.store.phrase_spans()
+    alone = spans["alone"]
+    captions = words.store.captions()
     _check_sizes(manifest, records, sizes, status)
-    names = [lv["name"] for lv in visual.store.config["levels"]]
+    names = visual.store.config.level_names
     result = PointingResult(level_names=[names[k] for k in heads.config.used_levels])
     by_sequence: dict[int, list[int]] = collections.defaultdict(list)
     for k in range(len(spans["record"])):
         row = int(spans["record"][k])
         phrase = records[row].phrases[spans["index"][k]]
         width, height = (int(v) for v in sizes[row])
-        reason = skip_reason(phrase, width, height) if status[row] == 1 else "image failed"
+        reason = skip_reason(phrase, width, height) if status[row] == OK else "image failed"
         if reason:
             result.skipped[reason] += 1
         elif mode == "query" and phrase.caption is not None:
@@ -148,23 +138,22 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
             by_sequence[int(alone[k])].append(k)
         else:
             by_sequence[int(spans["caption"][k])].append(k)
-    captions = set(np.flatnonzero(is_caption & (status[caption_image] == 1)).tolist())
-    sequences = sorted(captions | set(by_sequence))
+    caption_rows = set(captions.usable(status == OK).tolist())
+    sequences = sorted(caption_rows | set(by_sequence))
     heads.eval()
     for first in range(0, len(sequences), batch_size):
         tick = time.perf_counter()
         rows = np.array(sequences[first:first + batch_size])
         tokens, mask, sentence = words.read(rows)
-        levels = visual.read(caption_image[rows])
+        levels = visual.read(captions.image[rows])
         tock = time.perf_counter()
-        v = heads.map_visual([torch.from_numpy(level).to(device).float() for level in levels])
-        s = heads.map_words(torch.from_numpy(tokens).to(device).float())
-        sbar = heads.map_sentence(torch.from_numpy(sentence).to(device).float())
+        v = map_images(heads, levels, device)
+        s, sbar = map_text(heads, tokens, sentence, device)
         wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap)
         sg = sentence_grounding(sbar, v, heatmap=heatmap)
-        grid = int(round(v.shape[1] ** 0.5))
+        grid = grid_of(v)
         for b, row in enumerate(rows.tolist()):
-            if row in captions:
+            if row in caption_rows:
                 result.sentence_levels[int(sg["level"][b])] += 1
             for k in by_sequence.get(row, ()):
                 record = int(spans["record"][k])
@@ -172,11 +161,9 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
                 width, height = (int(x) for x in sizes[record])
                 if phrase.caption is not None and mode == "sentence":
                     start = int(spans["start"][k])
-                    heat, level = phrase_from_words(wg, b, list(range(start, start + int(spans["length"][k]))), grid)
+                    heat, level = phrase_heatmap(wg, b, list(range(start, start + int(spans["length"][k]))), grid)
                 else:
-                    level = int(sg["level"][b])
-                    heat = sg["heatmaps"][b, :, level].reshape(grid, grid).cpu()
-                    heat = heat if bool((heat > 0).any()) else None
+                    heat, level = sentence_heatmap(sg, b, grid)
                 xy, correctness = point_and_correctness(heat, phrase.boxes, width, height)
                 result.outcomes.append(PhraseOutcome(
                     record, int(spans["index"][k]), phrase.category or "(none)",
@@ -194,7 +181,7 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
 def _check_sizes(manifest, records, sizes, status) -> None:
     """Boxes are in the manifest's pixels and heatmaps are resized to the file's: they must agree."""
     for row, record in enumerate(records):
-        if status[row] != 1 or record.width is None or record.height is None:
+        if status[row] != OK or record.width is None or record.height is None:
             continue
         width, height = (int(v) for v in sizes[row])
         if (record.width, record.height) != (width, height):
@@ -207,7 +194,7 @@ def check_same_manifest(manifest, image_store, text_store) -> None:
     """Refuse stores made from another manifest, naming ids the stores lack when there are some."""
     sha = file_sha256(manifest)
     for store in (image_store, text_store):
-        if store.config["manifest"]["sha256"] == sha:
+        if store.config.manifest_sha256 == sha:
             continue
         known = set(str(i) for i in image_store.ids)
         absent = [record.id for record in read_manifest(manifest) if record.id not in known]
@@ -217,3 +204,13 @@ def check_same_manifest(manifest, image_store, text_store) -> None:
                                      f"({shown}): extract features for this manifest first")
         raise CacheMismatchError(f"{store.path} was not made from {manifest} (its manifest "
                                  "sha256 differs): evaluate with the stores of that manifest")
+
+
+def pointing_validator(val_images, val_text, val_manifest, *, batch_size: int = 32,
+                       heatmap: str = "relu"):
+    """``validate(heads) -> accuracy``: the pointing game on a validation set, for ``train``."""
+    def validate(heads) -> float:
+        device = str(next(heads.parameters()).device)
+        return evaluate_pointing(heads, val_images, val_text, val_manifest, device=device,
+                                 batch_size=batch_size, heatmap=heatmap).accuracy
+    return validate

@@ -1,0 +1,183 @@
+"""The one driver of every sharded extraction: lock, create or resume, schedule, summarise.
+
+An extraction job (``image_task.ImageExtraction``, ``text_task.TextExtraction``, or any new kind)
+supplies what differs: its layout (what the manifest alone decides), its store class and
+config, its model key and a module-level, picklable shard task. The driver does the rest, the
+same way for every kind: resolve the device and the workers, build the model once up front
+(a bad name or missing weights fail before any work), take the store's writer lock, create
+the store or resume the matching one, hand one task per unfinished shard to the dask
+scheduler, and fold each task's result into one summary with read, compute and write seconds.
+
+Workers write only their own shards and the driver only the store's attributes, so killing the
+driver loses at most the shards in flight: the same command again finishes only what is left.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+
+import dask
+import numpy as np
+
+from multigrounding.cache.store import ShardedStore, remove_stale_partials, store_bytes, writer_lock
+from multigrounding.devices import resolve_device
+from multigrounding.errors import MultigroundingError
+from multigrounding.pipeline.models import ModelKey, get_model
+from multigrounding.pipeline.scheduler import plan_workers, run_tasks
+
+log = logging.getLogger(__name__)
+
+# the options every extraction shares: where it runs and whether it may replace a cache
+DEVICE_HELP = "auto (cuda when there is one), cpu, cuda, cuda:1 ..."
+SCHEDULER_HELP = ("synchronous, threads, processes, distributed (a local dask.distributed cluster "
+                  "sized to the machine) or the address of a running scheduler, tcp://host:8786")
+WORKERS_HELP = "Worker processes/threads [default: cores/4, 1 on GPU]."
+OVERWRITE_HELP = "Replace a cache made with other settings."
+
+
+class ExtractionInterrupted(MultigroundingError, KeyboardInterrupt):
+    """Ctrl-C during an extraction: finished shards are kept and a rerun resumes."""
+
+
+@dataclass
+class ShardResult:
+    """What one shard task reports back; tasks never raise (one bad shard must not stop the rest)."""
+
+    shard: int
+    items: int
+    failed: list[tuple[int, str]] = field(default_factory=list)   # (row in the shard, reason)
+    error: str | None = None          # the shard could not be written at all
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+@dataclass
+class ExtractionSummary:
+    """How an extraction went, for every kind: ``unit`` names its items (images, sequences)."""
+
+    cache: Path
+    unit: str
+    items: int
+    shards: int
+    shards_already_done: int
+    shards_run: int = 0
+    items_run: int = 0
+    failed_items: list[tuple[str, str]] = field(default_factory=list)   # (id, reason)
+    failed_shards: list[tuple[int, str]] = field(default_factory=list)  # (shard, error)
+    seconds: float = 0.0
+    bytes: int = 0
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)   # the kind's own totals (captions, ...)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_items and not self.failed_shards
+
+    @property
+    def shards_done(self) -> int:
+        return self.shards_already_done + self.shards_run - len(self.failed_shards)
+
+
+class ShardJob(Protocol):
+    """What a kind of extraction supplies to ``run_sharded``."""
+
+    unit: ClassVar[str]                      # what the items are called: "images", "sequences"
+    store_class: ClassVar[type[ShardedStore]]
+    cache: Path
+    device: str
+    scheduler: str
+    workers: int | None
+    batch_size: int
+    overwrite: bool
+
+    def layout(self) -> Any:
+        """Everything the manifest alone decides; refuses bad input before any work starts."""
+
+    def item_ids(self, layout: Any) -> Sequence[str]:
+        """The id of every item, in store order (names failed items)."""
+
+    def counts(self, layout: Any) -> dict[str, int]:
+        """Totals worth reporting besides the items (captions, phrases)."""
+
+    def model_key(self, device: str, torch_threads: int) -> ModelKey:
+        """The key of the model the tasks run (built once per process)."""
+
+    def store_config(self, model: Any, layout: Any) -> dict:
+        """The store's config: everything that shaped the numbers, and the layout."""
+
+    def shard_inputs(self, layout: Any, rows: slice) -> Any:
+        """The picklable inputs of the shard holding ``rows`` (image paths, word lists)."""
+
+    @staticmethod
+    def task(store_path: str, shard: int, inputs: Any, key: ModelKey, batch_size: int) -> ShardResult:
+        """Compute and write one whole shard (module-level, picklable; never raises)."""
+
+
+def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = None
+                ) -> ExtractionSummary:
+    """Extract every item of ``job`` not yet in its store; ``progress(done, total)`` after each shard."""
+    started = time.perf_counter()
+    layout = job.layout()
+    ids = job.item_ids(layout)
+    device = resolve_device(job.device)
+    plan = plan_workers(job.scheduler, job.workers, device)
+    key = job.model_key(device, plan.torch_threads)
+    model = get_model(key)  # fails fast on a bad name or missing weights, before any work
+    config = job.store_config(model, layout)
+    with writer_lock(job.cache):
+        store, resumed = job.store_class.create_or_resume(job.cache, config, layout, job.overwrite)
+        if resumed:
+            removed = remove_stale_partials(job.cache)
+            log.info("resuming %s (%d stale partial files removed)", job.cache, removed)
+        done = store.done_shards()
+        pending = [int(s) for s in np.flatnonzero(~done)]
+        summary = ExtractionSummary(job.cache, job.unit, len(ids), store.num_shards,
+                                    int(done.sum()), counts=job.counts(layout))
+        finished = store.items_in(np.flatnonzero(done))
+        if progress is not None:
+            progress(finished, len(ids))
+
+        def on_result(result: ShardResult) -> None:
+            nonlocal finished
+            _record(summary, store, ids, result)
+            finished += result.items
+            if progress is not None:
+                progress(finished, len(ids))
+
+        def on_error(task_index: int, exc: BaseException) -> None:
+            summary.failed_shards.append((pending[task_index], f"{type(exc).__name__}: {exc}"))
+
+        tasks = [dask.delayed(job.task, pure=False, name=f"{job.unit}-shard-{s}")(
+                     str(job.cache), s, job.shard_inputs(layout, store.shard_slice(s)), key,
+                     job.batch_size)
+                 for s in pending]
+        try:
+            run_tasks(tasks, plan, on_result, on_error, warm=(get_model, key))
+        except KeyboardInterrupt:
+            done_now = int(store.done_shards().sum())
+            raise ExtractionInterrupted(
+                f"interrupted: {job.cache} keeps its {done_now} finished shards of "
+                f"{store.num_shards}; run the same command again to resume") from None
+    summary.seconds = time.perf_counter() - started
+    summary.bytes = store_bytes(job.cache)
+    return summary
+
+
+def _record(summary: ExtractionSummary, store: ShardedStore, ids: Sequence[str],
+            result: ShardResult) -> None:
+    summary.shards_run += 1
+    summary.items_run += result.items
+    summary.read_seconds += result.read_seconds
+    summary.compute_seconds += result.compute_seconds
+    summary.write_seconds += result.write_seconds
+    if result.error is not None:
+        summary.failed_shards.append((result.shard, result.error))
+        return
+    first = store.shard_slice(result.shard).start
+    summary.failed_items.extend((ids[first + row], reason) for row, reason in result.failed)
