@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -78,8 +79,10 @@ class Label:
 
     @property
     def key(self) -> str:
-        """The identity two captions share: the lowercase text without "a", "an", "the"."""
-        return " ".join(w for w in self.text.lower().split() if w not in ARTICLES)
+        """The identity two captions share: the lowercase text without "a", "an", "the" and
+        without punctuation at word edges (COCO's "a surfboard." is "surfboard")."""
+        words = (w.strip(string.punctuation) for w in self.text.lower().split())
+        return " ".join(w for w in words if w and w not in ARTICLES)
 
     def to_json(self) -> dict[str, Any]:
         return {"caption": self.caption, "kind": self.kind, "words": list(self.words),
