@@ -288,7 +288,8 @@ def _entities(doc, caption: int, words: list[str], word_of: list[int]) -> Iterat
 
 
 def _triples(doc) -> Iterator[list[int] | None]:
-    """Token positions of every triple; None where the subject or the object is a pronoun."""
+    """Token positions of every triple; None where the subject or the object is a pronoun or
+    the subject is the photo itself ("a picture of ...")."""
     for token in doc:
         subjects = _subjects(token) if token.pos_ not in NOUNS or _has(token, SUBJECTS) else []
         relation = [token.i] + [c.i for c in token.children if c.dep_ == "prt"]
