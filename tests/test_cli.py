@@ -103,7 +103,7 @@ def test_convert_flickr30k_test_split(tmp_path, dataset):
     output, rows = convert_and_validate(tmp_path, "flickr30k", root, images, "--split", "test")
     assert [r["id"] for r in rows] == ["2000"]
     assert rows[0]["phrases"][0] == {"text": "A dog", "caption": 0, "start": 0,
-                                     "boxes": [[0, 0, 63, 47]], "category": "animals"}
+                                     "boxes": [[0, 0, 63, 47]], "category": "animals", "chain": "5"}
 
 
 def test_convert_visual_genome_with_the_reference_split(tmp_path, vg):

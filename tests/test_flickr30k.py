@@ -150,6 +150,17 @@ def test_boxes_per_chain_are_zero_based(dataset):
     assert phrases[1, 0].boxes is not phrases[0, 0].boxes
 
 
+def test_every_phrase_keeps_its_chain_id(dataset):
+    """The chain (EN#id) says which mentions are one entity: "A child" and "A little girl" are
+    chain 18 in two captions; the not-visual chain 0 is no entity and is left out."""
+    records, _, _ = read(*dataset)
+    assert [(p.text, p.chain) for p in records["1000"].phrases] == [
+        ("A child", "18"), ("a pink dress", "19"), ("a set of stairs", "20"),
+        ("an entry way", "21"), ("A little girl", "18"), ("a pink dress", "19"),
+        ("a wooden cabin", "22"), ("Someone", None), ("two dogs", "23")]
+    assert [p.to_json()["chain"] for p in records["2000"].phrases] == ["5", "6"]
+
+
 def test_notvisual_scene_and_nobox_types(dataset):
     records, _, _ = read(*dataset)
     types = {p.text: (p.type, p.boxes) for p in records["1000"].phrases}

@@ -1,5 +1,6 @@
-"""Phrase labels: entities and triples from hand-made parses (no spaCy model is downloadable
-here), the manifest field, and ``datasets phrases`` with an injected parser."""
+"""Phrase labels: entities and triples from hand-made parses (the extractor's rules alone, whatever
+model is installed), the manifest field, and ``datasets phrases`` with an injected parser. The
+same captions parsed by en_core_web_sm itself: test_phrase_labels_real.py."""
 import json
 
 import pytest
@@ -16,7 +17,8 @@ from multigrounding.datasets.phrase_labels import (  # noqa: E402
 from multigrounding.datasets.records import Label, Phrase, Record, RecordError, check_record  # noqa: E402
 from multigrounding.errors import DatasetError  # noqa: E402
 
-VOCAB = spacy.blank("en").vocab  # English: noun_chunks needs its syntax iterator
+BLANK = spacy.blank("en")  # English: noun_chunks needs its syntax iterator
+VOCAB = BLANK.vocab
 
 
 def parse(spec: str) -> Doc:
@@ -118,6 +120,11 @@ def test_key_ignores_articles_and_case():
     assert Label(0, "entity", [0, 1, 2], "A red shirt").key == "red shirt"
     assert Label(0, "entity", [0, 1, 2], "the red shirt").key == "red shirt"
     assert Label(0, "triple", [1, 2, 3], "man riding horse").key == "man riding horse"
+    # punctuation a COCO caption leaves on its words is no part of the identity
+    assert Label(0, "entity", [3, 4], "a surfboard.").key == "surfboard"
+    assert Label(0, "triple", [1, 3, 5], "kitchen with stove,").key == "kitchen with stove"
+    assert Label(0, "entity", [2, 3], "a t-shirt").key == "t-shirt"
+    assert Label(0, "entity", [0], ",").key == ""
 
 
 class FakeParser:
@@ -125,6 +132,7 @@ class FakeParser:
 
     def __init__(self):
         self.vocab = VOCAB
+        self.make_doc = BLANK.make_doc  # the extractor parses the tokenizer's tokens
         self.docs = {tuple(caption.split()): spec for caption, (spec, _, _) in PARSES.items()}
         self.calls = 0
 

@@ -17,6 +17,17 @@ def test_round_trip_keeps_every_field_and_relative_path(tmp_path):
     assert list(check_record(record)) == []
 
 
+def test_the_optional_chain_round_trips_and_old_phrases_have_none(tmp_path):
+    """Flickr30k's coreference chain id is kept when present; manifests written before it read as
+    before (no chain) and write back unchanged."""
+    with_chain = {**GOOD, "phrases": [{**GOOD["phrases"][0], "chain": "18"}, GOOD["phrases"][1]]}
+    record = Record.from_json(with_chain, root=tmp_path)
+    assert [p.chain for p in record.phrases] == ["18", None]
+    assert record.to_json(root=tmp_path) == with_chain
+    assert [p.chain for p in Record.from_json(GOOD).phrases] == [None, None]
+    assert "chain" not in Record.from_json(GOOD).to_json()["phrases"][0]
+
+
 @pytest.mark.parametrize("change, field", [
     ({"id": ""}, "id"),
     ({"id": True}, "id"),
@@ -29,6 +40,8 @@ def test_round_trip_keeps_every_field_and_relative_path(tmp_path):
     ({"phrases": [{"text": "x", "caption": 0}]}, "phrases[0].start"),
     ({"phrases": [{"text": "x", "caption": 0, "start": -1}]}, "phrases[0].start"),
     ({"phrases": [{"boxes": []}]}, "phrases[0].text"),
+    ({"phrases": [{"text": "x", "chain": 18}]}, "phrases[0].chain"),
+    ({"phrases": [{"text": "x", "chain": " "}]}, "phrases[0].chain"),
     ({"colour": "red"}, "colour"),
 ])
 def test_malformed_records_name_the_field(change, field):

@@ -282,8 +282,9 @@ def _phrase(caption: int, mention: Mention, annotation: Annotation) -> Phrase:
         kind = SCENE
     else:
         kind = NOBOX
+    chain = None if mention.chain == NOTVISUAL_CHAIN else mention.chain  # 0: no chain at all
     return Phrase(text=" ".join(mention.words), boxes=boxes, caption=caption,
-                  start=mention.start, category=mention.types[0], type=kind)
+                  start=mention.start, category=mention.types[0], type=kind, chain=chain)
 
 
 def _report_missing_chains(mentions: list[tuple[int, Mention]], annotation: Annotation,

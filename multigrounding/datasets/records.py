@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -39,7 +40,9 @@ class Phrase:
     """A phrase and the boxes that ground it, [x0, y0, x1, y1] in original pixels, borders inclusive.
 
     With ``caption`` and ``start`` the phrase is the words ``start ...`` of that caption and is
-    scored inside the whole sentence; without them it is a query scored alone.
+    scored inside the whole sentence; without them it is a query scored alone. ``chain`` (optional)
+    names what the phrase refers to: the record's phrases with the same chain are one entity
+    (Flickr30k Entities' coreference chain, "EN#<chain>"), as entity-level protocols count them.
     """
 
     text: str
@@ -48,6 +51,7 @@ class Phrase:
     start: int | None = None
     category: str | None = None
     type: str | None = None
+    chain: str | None = None
 
     @property
     def words(self) -> list[str]:
@@ -63,6 +67,8 @@ class Phrase:
             out["category"] = self.category
         if self.type is not None:
             out["type"] = self.type
+        if self.chain is not None:
+            out["chain"] = self.chain
         return out
 
 
@@ -78,8 +84,10 @@ class Label:
 
     @property
     def key(self) -> str:
-        """The identity two captions share: the lowercase text without "a", "an", "the"."""
-        return " ".join(w for w in self.text.lower().split() if w not in ARTICLES)
+        """The identity two captions share: the lowercase text without "a", "an", "the" and
+        without punctuation at word edges (COCO's "a surfboard." is "surfboard")."""
+        words = (w.strip(string.punctuation) for w in self.text.lower().split())
+        return " ".join(w for w in words if w and w not in ARTICLES)
 
     def to_json(self) -> dict[str, Any]:
         return {"caption": self.caption, "kind": self.kind, "words": list(self.words),
@@ -235,7 +243,7 @@ def box_problem(box: list[float], width: int | None, height: int | None) -> str 
 def _phrase_from_json(data: Any, where: str) -> Phrase:
     if not isinstance(data, dict):
         raise RecordError(where, f"expected an object, got {_kind(data)}")
-    unknown = set(data) - {"text", "boxes", "caption", "start", "category", "type"}
+    unknown = set(data) - {"text", "boxes", "caption", "start", "category", "type", "chain"}
     if unknown:
         raise RecordError(f"{where}.{sorted(unknown)[0]}", "unknown field")
     text = data.get("text")
@@ -258,8 +266,11 @@ def _phrase_from_json(data: Any, where: str) -> Phrase:
     for name in ("category", "type"):
         if data.get(name) is not None and not isinstance(data[name], str):
             raise RecordError(f"{where}.{name}", f"expected a string, got {_kind(data[name])}")
+    chain = data.get("chain")
+    if chain is not None and (not isinstance(chain, str) or not chain.strip()):
+        raise RecordError(f"{where}.chain", f"expected a non-empty string, got {chain!r}")
     return Phrase(text=text, boxes=[[float(v) for v in box] for box in boxes], caption=caption,
-                  start=start, category=data.get("category"), type=data.get("type"))
+                  start=start, category=data.get("category"), type=data.get("type"), chain=chain)
 
 
 def _label_from_json(data: Any, where: str, captions: list[str]) -> Label:
