@@ -12,7 +12,7 @@ from multigrounding.datasets.flickr30k import read_flickr30k
 from multigrounding.datasets.problems import ProblemLog
 from multigrounding.datasets.records import NOTVISUAL, SCENE, Phrase
 from multigrounding.errors import UnknownNameError
-from multigrounding.evaluation.pointing import point, resize_to_image
+from multigrounding.evaluation.heatmap_metrics import point, resize_to_image
 from multigrounding.evaluation.protocols import PROTOCOLS, PhraseHeatmap, count, units
 
 from test_flickr30k import dataset  # noqa: F401  (pytest fixture: native Flickr30k files)

@@ -38,7 +38,7 @@ import torch
 
 from multigrounding.datasets.records import Phrase
 from multigrounding.errors import UnknownNameError
-from multigrounding.evaluation.pointing import (MIN_UNION_FRACTION, center_hit, is_hit, point,
+from multigrounding.evaluation.heatmap_metrics import (MIN_UNION_FRACTION, center_hit, is_hit, point,
                                                 random_hit_rate, skip_reason)
 
 PROTOCOLS = ("paper", "wwbl")
