@@ -59,6 +59,7 @@ FIXES = {
     "zstd1": "zstd level 1 instead of 3 for the visual levels",
     "serial": "decode the next batch before the forward, not on a thread beside it: on CPU the "
               "decoding thread preempts one of torch's threads and stalls every parallel op",
+    "nocrc": "no per-chunk crc32c checksum (store format 1): measures what the checksum costs",
 }
 
 
@@ -181,6 +182,11 @@ def proposed_fix(parts: set[str]):
     from multigrounding.pipeline import image_task
 
     saved = image_store.ZSTD_LEVEL, image_task.concurrent, image_store.ImageFeatureStore.write_shard
+    saved_compressors = image_store.compressors
+    if "nocrc" in parts:
+        from zarr.codecs import ZstdCodec
+
+        image_store.compressors = lambda level: (ZstdCodec(level=level),)
     if "tswrite" in parts:
         image_store.ImageFeatureStore.write_shard = _tensorstore_write_shard
     if "zstd1" in parts:
@@ -192,6 +198,7 @@ def proposed_fix(parts: set[str]):
             yield
     finally:
         image_store.ZSTD_LEVEL, image_task.concurrent, image_store.ImageFeatureStore.write_shard = saved
+        image_store.compressors = saved_compressors
 
 
 def _tensorstore_write_shard(self, shard, features, status, failures, sizes):

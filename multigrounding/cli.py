@@ -5,6 +5,7 @@ exit status 1 (2 for a wrong command line), never a traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -18,14 +19,29 @@ from multigrounding import __version__
 from multigrounding.errors import MultigroundingError
 
 
+# Errors of the machine rather than of the program: said in one line, never a traceback.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                       errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                       errno.EPERM: "operation not permitted", errno.ENOTDIR: "a part of the path is a file",
+                       errno.EIO: "input/output error"}
+
+
 class _Group(click.Group):
-    """A group whose commands turn the package's own errors into clean messages."""
+    """A group whose commands turn the package's own errors, and the machine's (disk full,
+    read-only, not permitted), into clean one-line messages."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MultigroundingError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT_ERRORS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(
+                f"{where}{_ENVIRONMENT_ERRORS[exc.errno]}; nothing half-written was kept: fix that "
+                f"and run the same command again") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -444,6 +460,10 @@ def _echo_extraction(summary, show: int) -> None:
                f"{summary.bytes / 1e6:.1f} MB on disk")
     click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
                f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
+    if summary.disk_full:
+        click.echo(f"{summary.cache}: the disk is full: {len(summary.failed_shards)} shards were not "
+                   f"written (nothing half-written is kept); free space and run the same command "
+                   f"again: it writes only those", err=True)
 
 
 def _train_config():
@@ -624,6 +644,33 @@ def ground_command(run, image, sentence, phrases, out, checkpoint, elmo_options,
                        f"relevance {item.score:.3f} -> {path}")
 
 
+@main.command("convert-checkpoint")
+@click.argument("paths", metavar="CHECKPOINT...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--trust", is_flag=True,
+              help="Confirm that you made these files: reading the old format runs their pickle code.")
+def convert_checkpoint_command(paths, trust) -> None:
+    """Rewrite checkpoints of an older multigrounding in the safe format.
+
+    Checkpoints are now plain tensors and containers, loaded without running any code. Older
+    ones stored numpy's random state, which can only be read by running the file's pickle
+    code; this reads each file that way once (only with --trust) and rewrites it in place,
+    atomically.
+
+    \b
+    Example:
+      multigrounding convert-checkpoint runs/exp1/last.pt runs/exp1/best.pt --trust
+    """
+    from multigrounding.heads.checkpoint import convert_legacy
+
+    if not trust:
+        raise click.UsageError("reading an old checkpoint runs its pickle code: pass --trust if "
+                               "you made these files yourself")
+    for path in paths:
+        convert_legacy(path)
+        click.echo(f"{path}: rewritten in the safe format")
+
+
 @main.command("demo")
 @click.option("--out", default="multigrounding-demo", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -742,9 +789,11 @@ def cache_info(store, show) -> None:
 @click.argument("store", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--show", default=20, show_default=True, help="How many problems to print.")
 def cache_verify(store, show) -> None:
-    """Read every shard of STORE back: all there, right shapes and dtypes, no NaN or Inf.
+    """Read every shard of STORE back: all its files there, every chunk's checksum right, shapes
+    and dtypes as declared, no NaN or Inf.
 
-    Exit status 1 when anything is wrong.
+    Exit status 1 when anything is wrong; `cache repair` then marks the damaged shards for
+    extraction again.
 
     \b
     Example:
@@ -754,13 +803,50 @@ def cache_verify(store, show) -> None:
 
     with _progress("shards") as bar:
         report = verify(store, progress=bar.update)
+    _echo_report(store, report, show)
+    click.echo(f"{store}: {report.checked_shards} shards checked, {len(report.problems)} problems")
+    if report.damaged:
+        click.echo(f"{store}: {len(report.damaged)} finished shards are damaged; `multigrounding "
+                   f"cache repair {store}` marks them for extraction again", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@cache.command("repair")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--show", default=20, show_default=True, help="How many problems to print.")
+def cache_repair(store, show) -> None:
+    """Mark every damaged shard of STORE for extraction again.
+
+    Checks the store as `cache verify` does; for each finished shard whose data files are gone
+    or fail their checksums, deletes the shard's files and clears its done flag. Run the same
+    `multigrounding extract` command afterwards: it extracts exactly those shards again.
+
+    \b
+    Example:
+      multigrounding cache repair cache/synth-images
+      multigrounding extract images data/synth/manifest.jsonl --cache cache/synth-images
+    """
+    from multigrounding.cache.info import repair
+
+    with _progress("shards") as bar:
+        report = repair(store, progress=bar.update)
+    _echo_report(store, report, show)
+    if report.damaged:
+        click.echo(f"{store}: {len(report.damaged)} damaged shards marked for extraction again "
+                   f"({', '.join(map(str, report.damaged[:10]))}{' ...' if len(report.damaged) > 10 else ''}); "
+                   f"now run the same `multigrounding extract` command that made the store")
+    else:
+        click.echo(f"{store}: nothing to repair ({report.checked_shards} shards checked)")
+
+
+def _echo_report(store, report, show: int) -> None:
+    for note in report.notes:
+        click.echo(f"{store}: note: {note}", err=True)
     for problem in report.problems[:show]:
         click.echo(f"{store}: {problem}", err=True)
     if len(report.problems) > show:
         click.echo(f"... and {len(report.problems) - show} more problems", err=True)
-    click.echo(f"{store}: {report.checked_shards} shards checked, {len(report.problems)} problems")
-    if not report.ok:
-        sys.exit(1)
 
 
 def _size(count: int) -> str:

@@ -82,7 +82,7 @@ def test_too_long_or_empty_captions_are_refused_before_any_work(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", rows)
     result = extract(manifest, tmp_path / "t")
     assert result.exit_code == 1
-    assert f"{manifest}:1: captions[0]: 70 words, more than --max-words 64" in result.output
+    assert f"{manifest}:1: image 1: captions[0]: 70 words, more than --max-words 64" in result.output
     assert not (tmp_path / "t").exists()
     assert extract(manifest, tmp_path / "t", "--max-words", "80").exit_code == 0
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
-
-from multigrounding.cache.store import Header, ShardedStore, VerifyReport
+from multigrounding.cache.store import (CacheDamagedError, Header, ShardedStore, VerifyReport,
+                                        compressors, read_rows)
 
 KIND = "images"
 PENDING, OK, FAILED = 0, 1, 2
@@ -109,7 +108,10 @@ class ImageFeatureStore(ShardedStore):
     UNIT = "images"
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
-        self.levels = [group[f"visual/level{k}"] for k in range(len(header.config["levels"]))]
+        count = len(header.config["levels"])
+        self.levels = [group[f"visual/level{k}"] for k in range(count)]
+        self.PER_SHARD_ARRAYS = tuple(f"visual/level{k}" for k in range(count)) + (
+            "status", "failure", "original_size")
         super().__init__(path, group, header)
         self.num_images = self.num_items
         self.grid = int(self.config.grid)
@@ -142,6 +144,9 @@ class ImageFeatureStore(ShardedStore):
 
     def original_sizes(self) -> np.ndarray:
         return self.group["original_size"][:]
+
+    def item_name(self, row: int) -> str:
+        return f"image {self.group['image_ids'][row]} (row {row})"
 
     def usable(self) -> np.ndarray:
         """[N] bool: the images extracted without failure (failed rows are zeros: mask them)."""
@@ -177,38 +182,41 @@ class ImageFeatureStore(ShardedStore):
         self._status = self.status()
 
     def _check_shard(self, shard: int, rows: slice, report: VerifyReport) -> None:
-        """Present, finite, and zero where an image failed."""
+        """Every chunk decodes (checksums hold), values finite, zero where an image failed."""
         status = self._status[rows]
         if (status == PENDING).any():
             report.problems.append(f"shard {shard}: marked done but has images without a status")
-        for k, level in enumerate(self.levels):
+        for k in range(len(self.levels)):
+            name = f"visual/level{k}"
             try:
-                values = level[rows]
-            except Exception as exc:  # a damaged shard file: say which, keep checking the rest
-                report.problems.append(f"shard {shard} visual/level{k}: unreadable ({exc})")
+                values = read_rows(self, name, np.arange(rows.start, rows.stop))
+            except CacheDamagedError as exc:
+                report.problems.append(exc.detail)
                 continue
             flat = values.reshape(len(values), -1)
             for row in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
-                report.problems.append(f"visual/level{k} image {rows.start + row}: NaN or Inf values")
+                report.problems.append(f"{name} {self.item_name(rows.start + row)}: NaN or Inf values")
             for row in np.flatnonzero((status == FAILED) & flat.any(axis=1)):
-                report.problems.append(f"visual/level{k} image {rows.start + row}: failed but not zero")
+                report.problems.append(f"{name} {self.item_name(rows.start + row)}: failed but not zero")
 
 
 def _allocate(group: zarr.Group, config: ImageStoreConfig, ids: list[str]) -> None:
     """Create every array of a new store (no data written but the ids)."""
     n, grid, shard = len(ids), config.grid, config.shard_size
     shards = -(-n // shard)
-    compressor = ZstdCodec(level=ZSTD_LEVEL)
     visual = group.create_group("visual")
     for k, level in enumerate(config.levels):
         shape = (n, grid, grid, level.channels)
         visual.create_array(f"level{k}", shape=shape, dtype="float16",
                             chunks=(1,) + shape[1:], shards=(shard,) + shape[1:],
-                            compressors=compressor, fill_value=0)
-    group.create_array("image_ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+                            compressors=compressors(ZSTD_LEVEL), fill_value=0)
+    small = compressors(ZSTD_LEVEL)
+    group.create_array("image_ids", shape=(n,), dtype=str, chunks=(max(n, 1),), compressors=small)
     group["image_ids"][:] = np.array(ids, dtype=object).astype(str)
-    group.create_array("status", shape=(n,), dtype="uint8", chunks=(shard,), fill_value=PENDING)
-    group.create_array("failure", shape=(n,), dtype=str, chunks=(shard,))
+    group.create_array("status", shape=(n,), dtype="uint8", chunks=(shard,), fill_value=PENDING,
+                       compressors=small)
+    group.create_array("failure", shape=(n,), dtype=str, chunks=(shard,), compressors=small)
     group.create_array("original_size", shape=(n, 2), dtype="int32", chunks=(shard, 2),
-                       fill_value=0)
-    group.create_array("done", shape=(shards,), dtype="uint8", chunks=(1,), fill_value=0)
+                       fill_value=0, compressors=small)
+    group.create_array("done", shape=(shards,), dtype="uint8", chunks=(1,), fill_value=0,
+                       compressors=small)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from multigrounding.cache.image_store import ImageFeatureStore
-from multigrounding.cache.store import ShardedStore, VerifyReport, read_header, store_bytes
+from multigrounding.cache.store import (ShardedStore, VerifyReport, read_header, store_bytes,
+                                        writer_lock)
 from multigrounding.cache.text_store import TextFeatureStore
 
 STORE_CLASSES: dict[str, type[ShardedStore]] = {cls.KIND: cls for cls in (ImageFeatureStore,
@@ -44,6 +45,19 @@ def describe(path: str | Path) -> StoreInfo:
 def verify(path: str | Path, progress=None) -> VerifyReport:
     """Read every shard back: present, right shapes and dtypes, finite, failed rows zero."""
     return open_store(path).verify(progress)
+
+
+def repair(path: str | Path, progress=None) -> VerifyReport:
+    """Find every finished shard whose data is lost or damaged (as ``verify``) and mark it for
+    extraction again: its data files are deleted and its done flag cleared, under the writer
+    lock. The same extract command then rewrites exactly those shards."""
+    with writer_lock(path):
+        _, header = read_header(path)
+        store = STORE_CLASSES[header.kind].open(path, mode="r+")
+        report = store.verify(progress)
+        for shard in report.damaged:
+            store.forget_shard(shard)
+    return report
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""Random batches of cached visual features, read fast.
+"""Random batches of cached features, read fast and strictly.
 
 zarr-python's integer-array indexing on sharded arrays is ~50x slower than it should be
 (zarr-python#3829), so batches are read with tensorstore's ``zarr3`` driver over the same
 files: one indexed read per level, all levels issued at once and awaited together.
+
+Reads are strict: a reader refuses a store whose finished shards lost files, and a chunk that is
+missing or fails its checksum raises ``CacheDamagedError`` naming the store, the array and the
+image, never zeros (``ShardedStore.tensorstore``).
 
 Most of a batch read is decompressing the chunks, again every epoch. ``cache_bytes`` gives the
 visual levels one tensorstore cache pool of that size (decoded chunks, least recently used
@@ -18,13 +22,8 @@ import numpy as np
 import tensorstore as ts
 
 from multigrounding.cache.image_store import ImageFeatureStore
+from multigrounding.cache.store import read_rows
 from multigrounding.cache.text_store import TextFeatureStore
-
-
-def open_tensorstore(array_path: str | Path, context: ts.Context | None = None) -> ts.TensorStore:
-    """A read-only tensorstore view of one zarr v3 array on the local file system."""
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
-    return ts.open(spec, read=True, context=context).result()
 
 
 class VisualBatchReader:
@@ -32,9 +31,10 @@ class VisualBatchReader:
 
     def __init__(self, path: str | Path, cache_bytes: int = 0):
         self.store = ImageFeatureStore.open(path)
+        self.store.check_complete()
         context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}}) if cache_bytes else None
-        self.levels = [open_tensorstore(Path(path) / "visual" / f"level{k}", context)
-                       for k in range(len(self.store.levels))]
+        self.names = [f"visual/level{k}" for k in range(len(self.store.levels))]
+        self.levels = [self.store.tensorstore(name, context) for name in self.names]
 
     def __len__(self) -> int:
         return self.store.num_images
@@ -45,7 +45,13 @@ class VisualBatchReader:
             raise IndexError(f"rows must be in [0, {self.store.num_images}); got "
                              f"{index.min()}..{index.max()}")
         futures = [level[index].read() for level in self.levels]
-        return [future.result() for future in futures]
+        out = []
+        for name, level, future in zip(self.names, self.levels, futures):
+            try:
+                out.append(future.result())
+            except ValueError:      # a missing or corrupt chunk: find and name it
+                out.append(read_rows(self.store, name, index, view=level))
+        return out
 
 
 class TextBatchReader:
@@ -57,10 +63,11 @@ class TextBatchReader:
 
     def __init__(self, path: str | Path):
         self.store = TextFeatureStore.open(path)
+        self.store.check_complete()
         self.start, length = self.store.sequence_spans()
         self.length = length.astype(np.int64)
-        self.tokens = open_tensorstore(Path(path) / "tokens")
-        self.sentence = open_tensorstore(Path(path) / "sentence")
+        self.tokens = self.store.tensorstore("tokens")
+        self.sentence = self.store.tensorstore("sentence")
 
     def __len__(self) -> int:
         return len(self.start)
@@ -73,9 +80,17 @@ class TextBatchReader:
                                 for r, n in zip(rows, lengths)]) if len(rows) else np.zeros(0, np.int64)
         tokens_future = self.tokens[index].read()
         sentence_future = self.sentence[rows].read()
-        flat = tokens_future.result()
+        try:
+            flat = tokens_future.result()
+        except ValueError:
+            flat = read_rows(self.store, "tokens", index, view=self.tokens,
+                             describe=self.store.token_owner)
+        try:
+            sentence = sentence_future.result()
+        except ValueError:
+            sentence = read_rows(self.store, "sentence", rows, view=self.sentence)
         width = int(lengths.max()) if len(rows) else 0
         mask = np.arange(width)[None, :] < lengths[:, None]
         tokens = np.zeros((len(rows), width) + flat.shape[1:], dtype=flat.dtype)
         tokens[mask] = flat
-        return tokens, mask, sentence_future.result()
+        return tokens, mask, sentence

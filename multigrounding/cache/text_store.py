@@ -28,14 +28,14 @@ zarr shard. Hence ``start``/``length`` rather than a gapless offsets array.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
-from multigrounding.cache.store import Header, ShardedStore, VerifyReport
+from multigrounding.cache.store import (CacheDamagedError, Header, ShardedStore, VerifyReport,
+                                        compressors, read_rows)
 
 KIND = "text"
 PHRASE_FIELDS = ("record", "index", "caption", "start", "length")
@@ -123,6 +123,8 @@ class TextLayout:
     shard_size: int
     token_shard: int
     labels: dict[str, np.ndarray] | None = None   # sequence, offset, count, kind, words, key
+    image_paths: list[str] = field(default_factory=list)  # not stored: where no cache may go
+    sources: list[str] = field(default_factory=list)      # not stored: "MANIFEST:LINE: captions[i]"
 
     def __post_init__(self):
         lengths = np.array([len(w) for w in self.words], dtype=np.int64)
@@ -145,6 +147,7 @@ class TextFeatureStore(ShardedStore):
     KIND = KIND
     CONFIG = TextStoreConfig
     UNIT = "sequences"
+    PER_SHARD_ARRAYS = ("sentence",)
 
     def __init__(self, path: str | Path, group: zarr.Group, header: Header):
         super().__init__(path, group, header)
@@ -214,13 +217,41 @@ class TextFeatureStore(ShardedStore):
         self._spans = self.sequence_spans()
 
     def _check_shard(self, shard: int, rows: slice, report: VerifyReport) -> None:
-        """Every token and sentence vector of the shard present and finite."""
-        starts, lengths = self._spans
-        first = int(starts[rows.start])
-        last = int(starts[rows.stop - 1] + lengths[rows.stop - 1])
-        for name, values in (("tokens", self.tokens[first:last]), ("sentence", self.sentence[rows])):
+        """Every token and sentence vector of the shard decodes (checksums hold) and is finite."""
+        first, last = self.token_range(rows)
+        for name, index, describe in (
+                ("tokens", np.arange(first, last), self.token_owner),
+                ("sentence", np.arange(rows.start, rows.stop), self.item_name)):
+            try:
+                values = read_rows(self, name, index, describe=describe)
+            except CacheDamagedError as exc:
+                report.problems.append(exc.detail)
+                continue
             if not np.isfinite(values).all():
                 report.problems.append(f"shard {shard} {name}: NaN or Inf values")
+
+    # ---------------------------------------------------------------- integrity
+    def token_range(self, rows: slice) -> tuple[int, int]:
+        """The rows of ``tokens`` the sequences ``rows`` occupy (first, end)."""
+        starts, lengths = self._spans if hasattr(self, "_spans") else self.sequence_spans()
+        return int(starts[rows.start]), int(starts[rows.stop - 1] + lengths[rows.stop - 1])
+
+    def _extra_chunks(self, shard: int) -> list[tuple[str, int]]:
+        """The token shards (and words chunks) of the shard's words: they start on a token-shard
+        boundary and no other shard writes them."""
+        first, last = self.token_range(self.shard_slice(shard))
+        size = self.config.token_shard
+        chunks = range(first // size, -(-last // size)) if last > first else range(0)
+        return [(name, index) for index in chunks for name in ("tokens", "words")]
+
+    def item_name(self, row: int) -> str:
+        image = int(self.group["captions/image"][row])
+        return f"sequence {row} (image {self.group['image_ids'][image]})"
+
+    def token_owner(self, token: int) -> str:
+        """The sequence a row of ``tokens`` belongs to, for messages."""
+        starts, _ = self._spans if hasattr(self, "_spans") else self.sequence_spans()
+        return f"a word of {self.item_name(int(np.searchsorted(starts, token, side='right')) - 1)}"
 
     def sequence_tokens(self, row: int) -> np.ndarray:
         """[words, L, D] float16 of one sequence."""
@@ -233,38 +264,40 @@ def _allocate(group: zarr.Group, config: TextStoreConfig, layout: TextLayout) ->
     count, layers, dim = len(layout.words), config.num_layers, config.dim
     vectors = config.num_sentence_vectors
     shard, token_shard = layout.shard_size, layout.token_shard
-    compressor = ZstdCodec(level=3)
+    compressor = compressors(3)
     group.create_array("image_ids", shape=(len(layout.image_ids),), dtype=str,
-                       chunks=(max(len(layout.image_ids), 1),))
+                       chunks=(max(len(layout.image_ids), 1),), compressors=compressor)
     group["image_ids"][:] = np.array(layout.image_ids, dtype=object).astype(str)
     captions = group.create_group("captions")
     for name, values in (("image", layout.image), ("is_caption", layout.is_caption),
                          ("start", layout.start), ("length", layout.length)):
         captions.create_array(name, shape=values.shape, dtype=values.dtype,
-                              chunks=(max(len(values), 1),))
+                              chunks=(max(len(values), 1),), compressors=compressor)
         captions[name][:] = values
     phrases = group.create_group("phrases")
     for name, values in layout.phrases.items():
         phrases.create_array(name, shape=values.shape, dtype=values.dtype,
-                             chunks=(max(len(values), 1),))
+                             chunks=(max(len(values), 1),), compressors=compressor)
         if len(values):
             phrases[name][:] = values
     if layout.labels is not None:
         labels = group.create_group("labels")
         for name, values in layout.labels.items():
             labels.create_array(name, shape=values.shape, dtype=values.dtype if name != "key" else str,
-                                chunks=(max(len(values), 1),))
+                                chunks=(max(len(values), 1),), compressors=compressor)
             if len(values):
                 labels[name][:] = values
     total = max(layout.total_tokens, 1)
     group.create_array("tokens", shape=(total, layers, dim), dtype="float16",
                        chunks=(1, layers, dim), shards=(token_shard, layers, dim),
                        compressors=compressor, fill_value=0)
-    group.create_array("words", shape=(total,), dtype=str, chunks=(token_shard,))
+    group.create_array("words", shape=(total,), dtype=str, chunks=(token_shard,),
+                       compressors=compressor)
     group.create_array("sentence", shape=(max(count, 1), vectors, dim), dtype="float16",
                        chunks=(1, vectors, dim), shards=(shard, vectors, dim),
                        compressors=compressor, fill_value=0)
     group.create_array("done", shape=(-(-count // shard),), dtype="uint8", chunks=(1,),
+                       compressors=compressor,
                        fill_value=0)
 
 

@@ -5,6 +5,7 @@ Writing is atomic, so an interrupted conversion never leaves a truncated manifes
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from pathlib import Path
@@ -17,13 +18,21 @@ from multigrounding.errors import DatasetError, DatasetNotFoundError
 
 
 def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, Record | RecordError]]:
-    """Yield ``(line_number, record or the error that line has)`` for every non-blank line."""
+    """Yield ``(line_number, record or the error that line has)`` for every non-blank line.
+
+    A UTF-8 byte-order mark at the start is skipped (as ``utf-8-sig`` would, everywhere a
+    manifest is read); a manifest with no record at all is an error, not an empty dataset.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DatasetNotFoundError(f"{path}: manifest not found")
+        raise DatasetNotFoundError(f"{path}: manifest not found" if not path.exists() else
+                                   f"{path}: is not a file")
     root = path.resolve().parent
+    lines = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -32,6 +41,7 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, Record | Recor
                 continue
             if not text.strip():
                 continue
+            lines += 1
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -41,6 +51,9 @@ def iter_manifest(path: str | os.PathLike) -> Iterator[tuple[int, Record | Recor
                 yield number, Record.from_json(data, root=root)
             except RecordError as exc:
                 yield number, exc
+    if not lines:
+        raise DatasetError(f"{path}: the manifest is empty (no records); convert a dataset into it "
+                           f"with `multigrounding datasets convert`")
 
 
 def read_manifest(path: str | os.PathLike, problems: ProblemLog | None = None) -> Iterator[Record]:

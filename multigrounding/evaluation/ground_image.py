@@ -14,7 +14,7 @@ import torch
 
 from multigrounding.cache.image_store import ImageStoreConfig
 from multigrounding.cache.text_store import TextStoreConfig
-from multigrounding.datasets.images import load_rgb
+from multigrounding.datasets.images import ImageProblem, inspect_image, load_rgb
 from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.heatmap_metrics import point
@@ -91,10 +91,17 @@ def ground_image(run: str | Path, image: str | Path, sentence: str, phrases: lis
     if not words:
         raise GroundInputError("the sentence is empty")
     spans = [(text, "phrase", find_phrase(words, text)) for text in phrases or ()]
+    try:
+        inspect_image(image)          # a bad file is refused before any model is built
+    except ImageProblem as problem:
+        raise GroundInputError(f"{image}: {problem}") from None
     device = resolve_device(device)
     heads, saved = load_heads(run, checkpoint, device)
     backbone, encoder, image_config = build_models(saved, device, elmo_options, elmo_weights)
-    pixels, (width, height) = load_rgb(image, backbone.spec.input_size)
+    try:
+        pixels, (width, height) = load_rgb(image, backbone.spec.input_size)
+    except ImageProblem as problem:
+        raise GroundInputError(f"{image}: {problem}") from None
     levels = backbone.forward(torch.from_numpy(np.array(pixels))[None])
     encoded = encoder.encode([words])[0]
     v = map_images(heads, levels, device)

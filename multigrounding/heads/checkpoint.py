@@ -14,6 +14,7 @@ run only by a user who says they trust the file (``multigrounding convert-checkp
 from __future__ import annotations
 
 import dataclasses
+import io
 import pickle
 import random
 import zipfile
@@ -62,8 +63,10 @@ class Checkpoint:
         """Write atomically, in the safe format."""
         state = {name: getattr(self, name) for name in _SAVED}
         state["format"], state["format_version"] = FORMAT, FORMAT_VERSION
+        buffer = io.BytesIO()     # serialised first: torch's zip writer hides a full disk's errno
+        torch.save(state, buffer)
         with atomic_open(path, "wb") as handle:
-            torch.save(state, handle)
+            handle.write(buffer.getbuffer())
 
     # ------------------------------------------------------------------ reading
     @classmethod

@@ -103,7 +103,7 @@ class RunFolder:
             return recorded
         tried = [recorded]
         if recorded.is_absolute() and saved_at.is_absolute():
-            moved = self.path / os.path.relpath(recorded, saved_at)
+            moved = Path(os.path.normpath(self.path / os.path.relpath(recorded, saved_at)))
             if moved.exists():
                 return moved.resolve()
             tried.append(moved)

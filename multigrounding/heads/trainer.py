@@ -9,6 +9,7 @@ nothing of evaluation.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -109,12 +110,13 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
         folder.start(config)
 
     def save(path: Path, at_epoch: int, at_step_in_epoch: int) -> None:
-        Checkpoint(model=heads.state_dict(), optimiser=optimiser.state_dict(),
-                   heads_config=dataclasses.asdict(heads.config), config=config.to_dict(),
-                   fingerprints=caches.fingerprints, image_config=caches.image_config.to_json(),
-                   text_config=caches.text_config.to_json(), epoch=at_epoch,
-                   step_in_epoch=at_step_in_epoch, step=step, best=best,
-                   rng=capture_rng()).save(path)
+        with _writing(folder, path):
+            Checkpoint(model=heads.state_dict(), optimiser=optimiser.state_dict(),
+                       heads_config=dataclasses.asdict(heads.config), config=config.to_dict(),
+                       fingerprints=caches.fingerprints, image_config=caches.image_config.to_json(),
+                       text_config=caches.text_config.to_json(), epoch=at_epoch,
+                       step_in_epoch=at_step_in_epoch, step=step, best=best,
+                       rng=capture_rng()).save(path)
 
     history: list[dict] = []
     loss_value = float("nan")
@@ -141,7 +143,8 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
                                "lr": optimiser.param_groups[0]["lr"],
                                "step_seconds": time.perf_counter() - tick, "data_wait_seconds": waited,
                                "pairs_per_second": config.batch_size / (time.perf_counter() - tick + waited)}
-                    folder.append_metrics(metrics)
+                    with _writing(folder, folder.metrics):
+                        folder.append_metrics(metrics)
                     if progress is not None:
                         progress(metrics)
             finally:
@@ -164,9 +167,26 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
                     epoch + 1, step_in_epoch)
         raise
     finally:
-        folder.plot()
+        try:
+            folder.plot()
+        except OSError as exc:   # the curve is a convenience: never hide the real outcome
+            log.warning("could not draw %s: %s", folder.path / "loss.png", exc)
     return TrainSummary(folder.path, epoch, step, loss_value, best, time.perf_counter() - started,
                         history)
+
+
+@contextlib.contextmanager
+def _writing(folder: RunFolder, path: Path):
+    """A failed write of the run (disk full, read-only) stops training with a message saying
+    what is kept and how to go on; the atomic writes leave the previous file intact."""
+    try:
+        yield
+    except OSError as exc:
+        kept = (f"{folder.last} holds the last checkpoint" if folder.last.is_file()
+                else "no checkpoint was written yet")
+        raise TrainingError(f"cannot write {path}: {exc.strerror or exc}; {kept}. Free space (or "
+                            f"fix the folder), then `multigrounding train --resume {folder.path}` "
+                            f"continues") from None
 
 
 def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, epoch: int = 0) -> dict:

@@ -13,6 +13,7 @@ driver loses at most the shards in flight: the same command again finishes only 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ WORKERS_HELP = "Worker processes/threads [default: cores/4, 1 on GPU]."
 OVERWRITE_HELP = "Replace a cache made with other settings."
 
 
+class CacheLocationError(MultigroundingError, ValueError):
+    """A cache folder that would mix the feature store with the dataset's own files."""
+
+
 class ExtractionInterrupted(MultigroundingError, KeyboardInterrupt):
     """Ctrl-C during an extraction: finished shards are kept and a rerun resumes."""
 
@@ -50,6 +55,7 @@ class ShardResult:
     items: int
     failed: list[tuple[int, str]] = field(default_factory=list)   # (row in the shard, reason)
     error: str | None = None          # the shard could not be written at all
+    disk_full: bool = False           # ... because the disk (or quota) is full
     read_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -79,6 +85,8 @@ class ExtractionSummary:
     def ok(self) -> bool:
         return not self.failed_items and not self.failed_shards
 
+    disk_full: bool = False           # a shard failed for want of space
+
     @property
     def shards_done(self) -> int:
         return self.shards_already_done + self.shards_run - len(self.failed_shards)
@@ -90,6 +98,7 @@ class ShardJob(Protocol):
     unit: ClassVar[str]                      # what the items are called: "images", "sequences"
     store_class: ClassVar[type[ShardedStore]]
     cache: Path
+    manifest: Path
     device: str
     scheduler: str
     workers: int | None
@@ -111,6 +120,12 @@ class ShardJob(Protocol):
     def store_config(self, model: Any, layout: Any) -> dict:
         """The store's config: everything that shaped the numbers, and the layout."""
 
+    def preflight(self, model: Any, layout: Any) -> None:
+        """Refuse, before any work, input the model cannot take (a caption too long for it)."""
+
+    def input_files(self, layout: Any) -> Sequence[str]:
+        """The files the job reads (images): a cache is never put where they are."""
+
     def shard_inputs(self, layout: Any, rows: slice) -> Any:
         """The picklable inputs of the shard holding ``rows`` (image paths, word lists)."""
 
@@ -129,7 +144,9 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
     plan = plan_workers(job.scheduler, job.workers, device)
     key = job.model_key(device, plan.torch_threads)
     model = get_model(key)  # fails fast on a bad name or missing weights, before any work
+    job.preflight(model, layout)
     config = job.store_config(model, layout)
+    check_cache_location(job.cache, job.manifest, job.input_files(layout))
     with writer_lock(job.cache):
         store, resumed = job.store_class.create_or_resume(job.cache, config, layout, job.overwrite)
         if resumed:
@@ -169,6 +186,28 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
     return summary
 
 
+def shard_failure(result: ShardResult, exc: Exception) -> None:
+    """Record why a shard task failed (tasks report errors, they never raise)."""
+    result.error = f"{type(exc).__name__}: {exc}"
+    result.disk_full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def check_cache_location(cache: Path, manifest: Path, inputs: Sequence[str]) -> None:
+    """Refuse a cache folder that is, or contains, the dataset's folder or one of its images (a
+    cache inside the dataset's folder, such as data/flickr30k/cache, is fine)."""
+    cache = Path(cache).resolve()
+    dataset = Path(manifest).resolve().parent
+    if cache == dataset or cache in dataset.parents:
+        raise CacheLocationError(f"{cache}: holds the dataset itself ({Path(manifest).name} is in "
+                                 f"{dataset}); give the cache a folder of its own, e.g. "
+                                 f"{dataset / 'cache' / Path(cache).name}")
+    for image in inputs:
+        resolved = Path(image).resolve()
+        if cache in resolved.parents:
+            raise CacheLocationError(f"{cache}: holds images of the dataset (e.g. {image}); give the "
+                                     f"cache a folder of its own")
+
+
 def _record(summary: ExtractionSummary, store: ShardedStore, ids: Sequence[str],
             result: ShardResult) -> None:
     summary.shards_run += 1
@@ -178,6 +217,7 @@ def _record(summary: ExtractionSummary, store: ShardedStore, ids: Sequence[str],
     summary.write_seconds += result.write_seconds
     if result.error is not None:
         summary.failed_shards.append((result.shard, result.error))
+        summary.disk_full = summary.disk_full or result.disk_full
         return
     first = store.shard_slice(result.shard).start
     summary.failed_items.extend((ids[first + row], reason) for row, reason in result.failed)

@@ -27,7 +27,8 @@ from multigrounding.cache.image_store import (FAILED, OK, ImageFeatureStore, Ima
 from multigrounding.datasets.images import ImageProblem, load_rgb
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
-                                             ExtractionSummary, ShardResult, run_sharded)
+                                             ExtractionSummary, ShardResult, run_sharded,
+                                             shard_failure)
 from multigrounding.pipeline.models import get_model
 from multigrounding.settings import setting
 
@@ -106,6 +107,12 @@ class ImageExtraction:
             shard_size=self.shard_size,
             versions={"multigrounding": __version__, **package_versions(VERSIONED_PACKAGES)})
 
+    def preflight(self, backbone, layout: ImageLayout) -> None:
+        """Nothing to check before the work: unreadable images are recorded, not fatal."""
+
+    def input_files(self, layout: ImageLayout) -> list[str]:
+        return layout.paths
+
     def shard_inputs(self, layout: ImageLayout, rows: slice) -> list[str]:
         return layout.paths[rows]
 
@@ -128,7 +135,7 @@ def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: Ba
         _extract_shard(store_path, shard, image_paths, key, batch_size, result)
     except Exception as exc:  # report, so one bad shard does not stop the others
         log.error("shard %d failed: %s", shard, traceback.format_exc())
-        result.error = f"{type(exc).__name__}: {exc}"
+        shard_failure(result, exc)
     return result
 
 

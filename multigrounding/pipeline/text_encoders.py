@@ -205,6 +205,10 @@ class ElmoTextEncoder:
         self.max_words = max_words
         self.batch_size = batch_size
 
+    def too_long(self, sentences: list[list[str]]) -> list[tuple[int, int, int]]:
+        """ELMo reads characters per word and has no length limit beyond ``max_words``."""
+        return []
+
     def __repr__(self) -> str:
         return (f"ElmoTextEncoder({self.weight_file.name}, layers={self.num_layers}, "
                 f"dim={self.dim}, device={self.device!r})")
@@ -479,6 +483,19 @@ class HFTextEncoder:
             log.info("%s: %d word(s) had no word pieces and were encoded as %s (first: sentence "
                      "%d word %d, %r)", self.name, len(replaced), unk, s, w, word)
         return result
+
+    def too_long(self, sentences: list[list[str]], chunk: int = 4096) -> list[tuple[int, int, int]]:
+        """(index, word pieces, limit) of every sentence longer than the model takes: checked
+        before an extraction starts, so that no shard fails on it hours later."""
+        if self.max_pieces is None:
+            return []
+        found = []
+        for first in range(0, len(sentences), chunk):
+            batch = sentences[first:first + chunk]
+            ids = self._tokenizer(batch, is_split_into_words=True, truncation=False)["input_ids"]
+            found.extend((first + i, len(piece_ids), self.max_pieces)
+                         for i, piece_ids in enumerate(ids) if len(piece_ids) > self.max_pieces)
+        return found
 
     # -- encoding
     def encode(self, sentences: list[list[str]]) -> list[EncodedText]:

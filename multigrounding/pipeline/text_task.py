@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import zarr
 
 from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
@@ -23,7 +24,8 @@ from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
 from multigrounding.errors import DatasetError
 from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
-                                             ExtractionSummary, ShardResult, run_sharded)
+                                             ExtractionSummary, ShardResult, run_sharded,
+                                             shard_failure)
 from multigrounding.pipeline.models import get_model
 from multigrounding.settings import setting
 
@@ -119,6 +121,19 @@ class TextExtraction:
                       **package_versions(("torch", "transformers", "h5py"))},
             phrases_alone=self.phrases_alone)
 
+    def input_files(self, layout: TextLayout) -> list[str]:
+        return layout.image_paths
+
+    def preflight(self, encoder, layout: TextLayout) -> None:
+        """Refuse sequences longer than the encoder takes (word pieces), naming the manifest
+        line and caption, before any work starts."""
+        found = encoder.too_long(layout.words)
+        if found:
+            problems = [f"{layout.sources[i]}: {count} word pieces (special tokens included), "
+                        f"more than {self.encoder} takes ({limit})" for i, count, limit in found]
+            raise DatasetError(_listed(f"{len(found)} sequences are too long for {self.encoder}; "
+                                       "nothing is truncated: shorten or split them", problems))
+
     def shard_inputs(self, layout: TextLayout, rows: slice) -> list[list[str]]:
         return layout.words[rows]
 
@@ -148,12 +163,14 @@ def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key:
         words = [word for sentence_words in sentences for word in sentence_words]
         result.compute_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        store = TextFeatureStore.open(store_path, mode="r+")
-        store.write_shard(shard, tokens, words, sentence)
+        # every chunk written, so that a missing one always means lost data (see cache.store)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            store = TextFeatureStore.open(store_path, mode="r+")
+            store.write_shard(shard, tokens, words, sentence)
         result.write_seconds = time.perf_counter() - started
     except Exception as exc:  # report, so one bad shard does not stop the others
         log.error("text shard %d failed: %s", shard, traceback.format_exc())
-        result.error = f"{type(exc).__name__}: {exc}"
+        shard_failure(result, exc)
     return result
 
 
@@ -163,86 +180,104 @@ def build_layout(manifest: Path, max_words: int, shard_size: int, token_shard: i
 
     ``phrases_alone`` also encodes each in-caption phrase as a sequence of its own (for
     evaluating every phrase as a standalone query), recorded in ``phrases/alone``."""
-    image_ids: list[str] = []
-    words: list[list[str]] = []
-    image: list[int] = []
-    is_caption: list[int] = []
-    phrases: dict[str, list[int]] = {k: [] for k in ("record", "index", "caption", "start", "length",
-                                                     "alone")}
-    labels: dict[str, list] = {k: [] for k in ("sequence", "offset", "count", "kind", "words", "key")}
-    labelled = False
-    problems: list[str] = []
+    built = _LayoutBuilder(manifest, max_words)
     for number, record in iter_manifest(manifest):
         if isinstance(record, RecordError):
             raise DatasetError(f"{manifest}:{number}: {record.field}: {record.message} "
                                "(run `multigrounding datasets validate` first)")
-        row = len(image_ids)
-        image_ids.append(record.id)
-        first = len(words)
-        for i, caption in enumerate(record.captions):
-            _add_sequence(caption.split(), row, 1, words, image, is_caption, problems,
-                          f"{manifest}:{number}: captions[{i}]", max_words)
-        _add_phrases(record, row, first, number, manifest, words, image, is_caption, phrases,
-                     problems, max_words, phrases_alone)
-        if record.labels is not None:
-            labelled = True
-            for label in record.labels:
-                labels["sequence"].append(first + label.caption)
-                labels["offset"].append(len(labels["words"]))
-                labels["count"].append(len(label.words))
-                labels["kind"].append(LABEL_KINDS.index(label.kind))
-                labels["words"].extend(label.words)
-                labels["key"].append(label.key)
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DatasetError(f"{len(problems)} sequences cannot be encoded:\n  {shown}{more}")
+        built.add_record(number, record, phrases_alone)
+    if built.problems:
+        raise DatasetError(_listed(f"{len(built.problems)} sequences cannot be encoded",
+                                   built.problems))
     label_arrays = None
-    if labelled:
+    if built.labelled:
+        labels = built.labels
         label_arrays = {name: np.array(labels[name], dtype) for name, dtype in (
             ("sequence", np.int64), ("offset", np.int64), ("count", np.int32), ("kind", np.uint8),
             ("words", np.int32))}
         label_arrays["key"] = np.array(labels["key"], dtype=object).astype(str)
-    return TextLayout(image_ids, words, np.array(image, np.int32), np.array(is_caption, np.uint8),
-                      {k: np.array(v, np.int64) for k, v in phrases.items()}, shard_size,
-                      token_shard, label_arrays)
+    return TextLayout(built.image_ids, built.words, np.array(built.image, np.int32),
+                      np.array(built.is_caption, np.uint8),
+                      {k: np.array(v, np.int64) for k, v in built.phrases.items()}, shard_size,
+                      token_shard, label_arrays, built.image_paths, built.sources)
 
 
-def _add_sequence(sequence: list[str], row: int, caption_flag: int, words, image, is_caption,
-                  problems, where: str, max_words: int) -> None:
-    if not sequence:
-        problems.append(f"{where}: empty")
-    elif len(sequence) > max_words:
-        problems.append(f"{where}: {len(sequence)} words, more than --max-words {max_words}")
-    words.append(sequence)
-    image.append(row)
-    is_caption.append(caption_flag)
+class _LayoutBuilder:
+    """The sequences, phrase spans and labels of a manifest, record by record."""
+
+    def __init__(self, manifest: Path, max_words: int):
+        self.manifest, self.max_words = manifest, max_words
+        self.image_ids: list[str] = []
+        self.image_paths: list[str] = []
+        self.words: list[list[str]] = []
+        self.image: list[int] = []
+        self.is_caption: list[int] = []
+        self.sources: list[str] = []
+        self.phrases: dict[str, list[int]] = {k: [] for k in ("record", "index", "caption", "start",
+                                                              "length", "alone")}
+        self.labels: dict[str, list] = {k: [] for k in ("sequence", "offset", "count", "kind",
+                                                        "words", "key")}
+        self.labelled = False
+        self.problems: list[str] = []
+
+    def add_record(self, number: int, record: Record, phrases_alone: bool) -> None:
+        row, first = len(self.image_ids), len(self.words)
+        self.image_ids.append(record.id)
+        self.image_paths.append(record.image)
+        for i, caption in enumerate(record.captions):
+            self._sequence(caption.split(), row, 1, f"{self.manifest}:{number}: image {record.id}: "
+                                                    f"captions[{i}]")
+        self._phrases(record, row, first, number, phrases_alone)
+        if record.labels is not None:
+            self.labelled = True
+            for label in record.labels:
+                self.labels["sequence"].append(first + label.caption)
+                self.labels["offset"].append(len(self.labels["words"]))
+                self.labels["count"].append(len(label.words))
+                self.labels["kind"].append(LABEL_KINDS.index(label.kind))
+                self.labels["words"].extend(label.words)
+                self.labels["key"].append(label.key)
+
+    def _sequence(self, sequence: list[str], row: int, caption_flag: int, where: str) -> None:
+        if not sequence:
+            self.problems.append(f"{where}: empty")
+        elif len(sequence) > self.max_words:
+            self.problems.append(f"{where}: {len(sequence)} words, more than --max-words "
+                                 f"{self.max_words}")
+        self.words.append(sequence)
+        self.image.append(row)
+        self.is_caption.append(caption_flag)
+        self.sources.append(where)
+
+    def _phrases(self, record: Record, row: int, first: int, number: int, phrases_alone: bool) -> None:
+        """Each phrase's span: inside its caption, in a caption equal to it, or its own sequence;
+        and the sequence that holds it alone (-1 when it is only encoded inside its caption)."""
+        by_text = {" ".join(record.captions[i].split()): first + i for i in range(len(record.captions))}
+
+        def alone(index: int, phrase) -> int:
+            text = " ".join(phrase.words)
+            if text not in by_text:
+                by_text[text] = len(self.words)
+                self._sequence(phrase.words, row, 0,
+                               f"{self.manifest}:{number}: image {record.id}: phrases[{index}]")
+            return by_text[text]
+
+        for index, phrase in enumerate(record.phrases):
+            if phrase.caption is not None:
+                caption, start = first + phrase.caption, phrase.start
+                own = alone(index, phrase) if phrases_alone else -1
+            else:
+                caption, start = alone(index, phrase), 0
+                own = caption
+            for name, value in (("record", row), ("index", index), ("caption", caption),
+                                ("start", start), ("length", len(phrase.words)), ("alone", own)):
+                self.phrases[name].append(value)
 
 
-def _add_phrases(record: Record, row: int, first: int, number: int, manifest, words, image,
-                 is_caption, phrases, problems, max_words: int, phrases_alone: bool) -> None:
-    """Each phrase's span: inside its caption, in a caption equal to it, or its own sequence;
-    and the sequence that holds it alone (-1 when it is only encoded inside its caption)."""
-    by_text = {" ".join(record.captions[i].split()): first + i for i in range(len(record.captions))}
-
-    def alone(index: int, phrase) -> int:
-        text = " ".join(phrase.words)
-        if text not in by_text:
-            by_text[text] = len(words)
-            _add_sequence(phrase.words, row, 0, words, image, is_caption, problems,
-                          f"{manifest}:{number}: phrases[{index}]", max_words)
-        return by_text[text]
-
-    for index, phrase in enumerate(record.phrases):
-        if phrase.caption is not None:
-            caption, start = first + phrase.caption, phrase.start
-            own = alone(index, phrase) if phrases_alone else -1
-        else:
-            caption, start = alone(index, phrase), 0
-            own = caption
-        for name, value in (("record", row), ("index", index), ("caption", caption),
-                            ("start", start), ("length", len(phrase.words)), ("alone", own)):
-            phrases[name].append(value)
+def _listed(headline: str, problems: list[str], limit: int = 10) -> str:
+    shown = "\n  ".join(problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"{headline}:\n  {shown}{more}"
 
 
 def _str(path) -> str | None:
