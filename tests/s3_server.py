@@ -14,15 +14,22 @@ Two additions wrap moto's WSGI application:
   more than one winner. S3 itself makes a conditional write atomic, and the object-store lock
   relies on that, so requests that carry a precondition (and deletes) run one at a time. Plain
   reads and writes stay concurrent.
-* **Traffic is counted**: requests and body bytes in each direction (``traffic()``), which is
-  what the benchmarks report as bytes on the wire.
+* **Traffic is counted**: requests and body bytes in each direction (``traffic()``, also served
+  as JSON at ``GET /_traffic``), which is what the benchmarks report as bytes on the wire.
+
+``S3ServerProcess`` runs the same server in a child process (``python tests/s3_server.py``), so
+that a benchmark's client does not share its interpreter (and GIL) with the server.
 """
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
+import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -50,6 +57,12 @@ class _Middleware:
         self.traffic = Traffic()
 
     def __call__(self, environ, start_response):
+        if environ.get("PATH_INFO") == "/_traffic":
+            with self.counter:
+                body = json.dumps(asdict(self.traffic)).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
         conditional = ("HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ) \
             and environ.get("REQUEST_METHOD") in ("PUT", "POST")
         with self.counter:
@@ -74,7 +87,38 @@ class _Middleware:
                 close()
 
 
-class LocalS3:
+class _Clients:
+    """What a test needs from a server: options, a boto3 client, fresh buckets."""
+
+    endpoint_url = ""
+
+    @property
+    def storage_options(self) -> dict:
+        """fsspec-style options that reach this server with the dummy credentials."""
+        return {"endpoint_url": self.endpoint_url, "key": ACCESS_KEY, "secret": SECRET_KEY,
+                "client_kwargs": {"region_name": REGION}}
+
+    def client(self):
+        """A boto3 S3 client for this server (test setup and inspection)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name=REGION)
+
+    def new_bucket(self, prefix: str = "test") -> str:
+        """Create an empty bucket with a name no other test uses, and return the name."""
+        name = f"{prefix}-{uuid.uuid4().hex[:16]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalS3(_Clients):
     """``with LocalS3() as s3:`` a moto S3 server; ``s3.new_bucket()``, ``s3.storage_options``."""
 
     def __init__(self):
@@ -98,33 +142,40 @@ class LocalS3:
     def stop(self) -> None:
         self._server.stop()
 
-    def __enter__(self) -> "LocalS3":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def storage_options(self) -> dict:
-        """fsspec-style options that reach this server with the dummy credentials."""
-        return {"endpoint_url": self.endpoint_url, "key": ACCESS_KEY, "secret": SECRET_KEY,
-                "client_kwargs": {"region_name": REGION}}
-
-    def client(self):
-        """A boto3 S3 client for this server (test setup and inspection)."""
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name=REGION)
-
-    def new_bucket(self, prefix: str = "test") -> str:
-        """Create an empty bucket with a name no other test uses, and return the name."""
-        name = f"{prefix}-{uuid.uuid4().hex[:16]}"
-        self.client().create_bucket(Bucket=name)
-        return name
-
     def traffic(self) -> Traffic:
         """Requests and body bytes so far (subtract two readings for one interval)."""
         middleware = self._middleware
         with middleware.counter:
             return Traffic(**vars(middleware.traffic))
+
+
+class S3ServerProcess(_Clients):
+    """The same server in a child process; it stops when this side closes its stdin."""
+
+    def __init__(self):
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> "S3ServerProcess":
+        self._process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True)
+        self.endpoint_url = self._process.stdout.readline().strip()
+        if not self.endpoint_url.startswith("http://"):
+            self.stop()
+            raise RuntimeError("the S3 server process did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stdin.close()
+            self._process.wait(timeout=30)
+            self._process = None
+
+    def traffic(self) -> Traffic:
+        with urllib.request.urlopen(f"{self.endpoint_url}/_traffic") as response:
+            return Traffic(**json.loads(response.read()))
+
+
+if __name__ == "__main__":
+    with LocalS3() as server:
+        print(server.endpoint_url, flush=True)
+        sys.stdin.read()          # serve until the parent closes the pipe

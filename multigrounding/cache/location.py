@@ -42,6 +42,7 @@ from multigrounding.errors import MultigroundingError
 # fsspec option names understood for s3:// (translated for obstore and tensorstore).
 S3_OPTIONS = ("endpoint_url", "key", "secret", "token", "anon", "client_kwargs")
 S3_CLIENT_KWARGS = ("endpoint_url", "region_name")
+SECRET_OPTIONS = ("key", "secret", "token")
 
 
 class LocationError(MultigroundingError, ValueError):
@@ -97,6 +98,11 @@ class Location:
     # ------------------------------------------------------------------ naming
     def __str__(self) -> str:
         return self.url
+
+    def __repr__(self) -> str:
+        """Secrets masked: a location is shown in logs, tracebacks and dask's dashboard."""
+        shown = {k: ("***" if k in SECRET_OPTIONS else v) for k, v in self.storage_options.items()}
+        return f"Location({self.url!r}, storage_options={shown!r})"
 
     @property
     def scheme(self) -> str:
@@ -208,6 +214,14 @@ class Location:
                 return []
             return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
         return sorted(_sync(_collect(self.zarr_store().list_prefix(prefix))))
+
+    def children(self) -> list[str]:
+        """The names directly under this location (files and folders or prefixes), sorted: one
+        listing request on an object store, however large the store."""
+        if self.is_local:
+            root = Path(self.url)
+            return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        return sorted(k.rstrip("/") for k in _sync(_collect(self.zarr_store().list_dir(""))))
 
     def delete(self, key: str) -> None:
         """Delete one file or object; a missing one is not an error."""
