@@ -218,5 +218,6 @@ def test_a_memory_location_goes_through_fsspec_and_has_no_kvstore():
     assert location.kvstore_spec("visual/level0") is None
     assert location.obstore() is None
     assert "zarr.json" in location.keys()
+    assert location.children() == ["visual", "zarr.json"]
     location.delete_all()
     assert not location.exists()

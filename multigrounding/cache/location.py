@@ -213,7 +213,7 @@ class Location:
             if not base.exists():
                 return []
             return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
-        return sorted(_sync(_collect(self.zarr_store().list_prefix(prefix))))
+        return sorted(_sync(_collect(self.zarr_store().list_prefix, prefix)))
 
     def children(self) -> list[str]:
         """The names directly under this location (files and folders or prefixes), sorted: one
@@ -221,7 +221,7 @@ class Location:
         if self.is_local:
             root = Path(self.url)
             return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-        return sorted(k.rstrip("/") for k in _sync(_collect(self.zarr_store().list_dir(""))))
+        return sorted(k.rstrip("/") for k in _sync(_collect(self.zarr_store().list_dir, "")))
 
     def delete(self, key: str) -> None:
         """Delete one file or object; a missing one is not an error."""
@@ -245,7 +245,7 @@ class Location:
                     child.unlink()
             return
         store = self.zarr_store()
-        doomed = [k for k in _sync(_collect(store.list_prefix(""))) if k.split("/")[0] not in keep]
+        doomed = [k for k in _sync(_collect(store.list_prefix, "")) if k.split("/")[0] not in keep]
         if self.scheme == "s3":  # S3 deletes up to 1,000 objects a request
             import obstore
 
@@ -372,8 +372,10 @@ def _sync(coroutine):
     return sync(coroutine)
 
 
-async def _collect(iterator) -> list:
-    return [item async for item in iterator]
+async def _collect(listing, prefix: str) -> list:
+    """``listing(prefix)`` is called inside the event loop: zarr's ObjectStore starts its
+    listing request when the iterator is made."""
+    return [item async for item in listing(prefix)]
 
 
 async def _gather(coroutines: Iterator) -> None:
