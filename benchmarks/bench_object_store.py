@@ -24,7 +24,8 @@ by batch with the order rotated:
 * s3, zarr+s3fs — the same over zarr's FsspecStore (s3fs), for the choice of zarr store.
 
 Judged ratios (per batch, median [min..max]): s3 / local cold, s3 warm / local warm,
-s3-zarr / s3. Bytes on the wire come from the server's own count of response bodies
+s3-zarr / s3; beside them the reader process's own CPU time per batch (``time.process_time``,
+all its threads), which does not include the server's. Bytes on the wire come from the server's own count of response bodies
 (``GET /_traffic``), cross-checked against tensorstore's ``/tensorstore/kvstore/s3/bytes_read``
 counter for the tensorstore readers; per epoch = every row once, in random batches.
 
@@ -263,6 +264,7 @@ def main(argv=None) -> int:
                 raise AssertionError(f"reader {name} returned other values than the local one")
 
         times = {name: [] for name in readers}
+        cpu = {name: [] for name in readers}      # this process's CPU (all its threads)
         for i in range(args.batches):
             rows = rng.choice(n, args.batch, replace=False)
             names = ["local", "local, warm", "s3", "s3, warm", "s3, warm, no recheck"]
@@ -270,31 +272,45 @@ def main(argv=None) -> int:
                 names += ["s3, zarr", "s3, zarr+s3fs"]
             names = names[i % len(names):] + names[:i % len(names)]
             for name in names:
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 readers[name](rows)
                 times[name].append((time.perf_counter() - t) * 1e3)
+                cpu[name].append((time.process_time() - c) * 1e3)
 
         def ratio(a, b):
             return Stat([x / y for x, y in zip(times[a], times[b])])
 
+        def cpu_ms(name, against=None):
+            shown = Stat(cpu[name]).fmt(".1f")
+            if against is None:
+                return shown
+            return shown + " (ratio " + Stat([x / max(y, 1e-3) for x, y in zip(
+                cpu[name], cpu[against])]).fmt(".2f") + ")"
+
         print(f"\n== {args.batch}-image random batches, all {levels} levels (median [min..max] "
               f"over {args.batches} alternated batches; zarr readers on the first "
               f"{args.zarr_batches})")
-        print(table(["reader", "ms per batch", "ratio (per batch)", "against"], [
-            ["local (tensorstore file)", Stat(times["local"]).fmt(".1f"), "1", ""],
+        print(table(["reader", "ms per batch", "ratio (per batch)", "against",
+                     "reader CPU ms per batch"], [
+            ["local (tensorstore file)", Stat(times["local"]).fmt(".1f"), "1", "",
+             cpu_ms("local")],
             ["s3 (tensorstore s3)", Stat(times["s3"]).fmt(".1f"),
-             ratio("s3", "local").fmt(".2f"), "local"],
+             ratio("s3", "local").fmt(".2f"), "local", cpu_ms("s3", "local")],
             [f"local, warm {args.cache_gb:g} GB chunk cache", Stat(times["local, warm"]).fmt(".1f"),
-             "1", ""],
+             "1", "", cpu_ms("local, warm")],
             [f"s3, warm {args.cache_gb:g} GB chunk cache", Stat(times["s3, warm"]).fmt(".1f"),
-             ratio("s3, warm", "local, warm").fmt(".2f"), "local, warm"],
+             ratio("s3, warm", "local, warm").fmt(".2f"), "local, warm", cpu_ms("s3, warm", "local, warm")],
             ["s3, warm, recheck_cached_data=open", Stat(times["s3, warm, no recheck"]).fmt(".1f"),
-             ratio("s3, warm, no recheck", "local, warm").fmt(".2f"), "local, warm"],
+             ratio("s3, warm, no recheck", "local, warm").fmt(".2f"), "local, warm",
+             cpu_ms("s3, warm, no recheck", "local, warm")],
             ["s3, zarr-python (obstore)", Stat(times["s3, zarr"]).fmt(".1f"),
-             ratio("s3, zarr", "s3").fmt(".2f"), "s3 (tensorstore)"],
+             ratio("s3, zarr", "s3").fmt(".2f"), "s3 (tensorstore)", cpu_ms("s3, zarr", "s3")],
             ["s3, zarr-python (s3fs)", Stat(times["s3, zarr+s3fs"]).fmt(".1f"),
-             ratio("s3, zarr+s3fs", "s3, zarr").fmt(".2f"), "s3, zarr-python (obstore)"],
+             ratio("s3, zarr+s3fs", "s3, zarr").fmt(".2f"), "s3, zarr-python (obstore)",
+             cpu_ms("s3, zarr+s3fs", "s3, zarr")],
         ]))
+        print("(reader CPU: this process only, every thread; the S3 server runs in its own "
+              "process, so its CPU is not counted here)")
         if args.write_repeats:
             write_ratio = Stat([f / o for f, o in zip(writes["s3fs"], writes["obstore"])])
             print(f"\n== writing the visual levels shard by shard through zarr-python "
