@@ -40,7 +40,6 @@ times are an upper bound of the client's CPU cost plus moto's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import subprocess
@@ -124,22 +123,15 @@ def tensorstore_reader(location, levels: int, cache_bytes: int, recheck=True):
 
 
 def zarr_reader(store, levels: int):
-    """zarr-python, one getitem per (image, level), all awaited together."""
+    """zarr-python (``multigrounding.cache.zarr_rows``): one getitem per image and level, all
+    awaited together."""
     import zarr
-    from zarr.core.sync import sync
+
+    from multigrounding.cache.zarr_rows import read_rows
 
     group = zarr.open_group(store, mode="r")
-    arrays = [group[f"visual/level{k}"]._async_array for k in range(levels)]
-
-    async def gather(rows):
-        parts = await asyncio.gather(*[array.getitem((slice(int(r), int(r) + 1),))
-                                       for array in arrays for r in rows])
-        n = len(rows)
-        return [np.concatenate(parts[k * n:(k + 1) * n]) for k in range(len(arrays))]
-
-    def read(rows):
-        return sync(gather(rows))
-    return read
+    arrays = [group[f"visual/level{k}"] for k in range(levels)]
+    return lambda rows: read_rows(arrays, rows)
 
 
 def write_shards(store, levels, shard_size: int) -> None:

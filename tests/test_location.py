@@ -221,3 +221,19 @@ def test_a_memory_location_goes_through_fsspec_and_has_no_kvstore():
     assert location.children() == ["visual", "zarr.json"]
     location.delete_all()
     assert not location.exists()
+
+
+def test_zarr_rows_reads_random_rows_where_tensorstore_cannot():
+    from multigrounding.cache.zarr_rows import read_rows
+
+    location = Location.parse("memory://multigrounding-test/rows")
+    values = _write_example(location.open_group("w"))
+    level = location.open_group("r")["visual/level0"]
+    rows = [5, 0, 3, 3]
+    (got,) = read_rows([level], rows)
+    np.testing.assert_array_equal(got, values[rows])
+    (empty,) = read_rows([level], [])
+    assert empty.shape == (0, 3, 3, 5) and empty.dtype == np.float16
+    with pytest.raises(IndexError, match=r"\[0, 6\)"):
+        read_rows([level], [6])
+    location.delete_all()
