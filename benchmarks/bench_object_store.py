@@ -3,7 +3,7 @@ and the bytes each training epoch pulls over the wire with and without the chunk
 
 The store is made the way a user makes one: ``multigrounding datasets synth`` then
 ``multigrounding extract images --weights random --scheduler synchronous`` (efficientnet_lite0,
-synthetic images). It is copied into a bucket of a local S3 server (moto's ThreadedMotoServer,
+synthetic images; ``--weights imagenet`` for the real features, which compress far less). It is copied into a bucket of a local S3 server (moto's ThreadedMotoServer,
 ``tests/s3_server.py``, run in a child process so it does not share the reader's interpreter)
 with fsspec's ``put`` (s3fs), and every copied object is checked byte for byte.
 
@@ -36,6 +36,7 @@ times are an upper bound of the client's CPU cost plus moto's.
 
     python benchmarks/bench_object_store.py                      # ~3-5 minutes on 2 cores
     python benchmarks/bench_object_store.py --images 512 --batches 40
+    python benchmarks/bench_object_store.py --weights imagenet        # real features
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=256)
+    p.add_argument("--weights", default="random",
+                   help="random (default; its features compress ~12x) or imagenet (the real "
+                        "EfficientNet-Lite0 features, ~2.4x: more bytes per batch)")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--shard-size", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
@@ -86,7 +90,7 @@ def build_cache(root: Path, args) -> Path:
                               str(args.images), "--seed", str(args.seed), "--size",
                               str(args.image_size)], check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(cli + ["extract", "images", str(root / "synth" / "manifest.jsonl"), "--cache",
-                          str(cache), "--weights", "random", "--scheduler", "synchronous",
+                          str(cache), "--weights", args.weights, "--scheduler", "synchronous",
                           "--device", "cpu", "--shard-size", str(args.shard_size)],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     return cache

@@ -18,6 +18,14 @@ import zarr
 from multigrounding.cache.location import Location, LocationError, parse_storage_options
 
 
+@pytest.fixture(autouse=True)
+def no_aws_environment(monkeypatch):
+    """The user's own AWS settings must not leak into these tests."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+
+
 def _write_example(group: zarr.Group) -> np.ndarray:
     """A small sharded float16 array like a visual level, plus attributes."""
     values = np.arange(6 * 3 * 3 * 5, dtype=np.float16).reshape(6, 3, 3, 5)
@@ -187,7 +195,8 @@ def test_the_endpoint_and_credentials_can_come_from_the_environment(monkeypatch,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     bare = Location.parse(s3_location.url)
-    assert bare.storage_options == {}
+    assert bare.storage_options == {"endpoint_url": s3_server.endpoint_url,
+                                    "client_kwargs": {"region_name": "us-east-1"}}
     np.testing.assert_array_equal(bare.open_group("r")["visual/level0"][:], values)
     spec = bare.kvstore_spec("visual/level0")
     assert spec["aws_credentials"] == {"type": "default"}
@@ -195,9 +204,16 @@ def test_the_endpoint_and_credentials_can_come_from_the_environment(monkeypatch,
     np.testing.assert_array_equal(array[[1, 2]].read().result(), values[[1, 2]])
 
 
-def test_a_location_travels_to_another_process(tmp_path, s3_location):
-    """What a dask task carries: the pickled location; the worker builds its own clients."""
+@pytest.mark.parametrize("endpoint_from", ["options", "environment"])
+def test_a_location_travels_to_another_process(tmp_path, monkeypatch, s3_server, s3_location,
+                                               endpoint_from):
+    """What a dask task carries: the pickled location; the worker builds its own clients. An
+    endpoint taken from the client's environment travels too."""
     values = _write_example(s3_location.open_group("w"))
+    if endpoint_from == "environment":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+        options = {k: v for k, v in s3_server.storage_options.items() if k != "endpoint_url"}
+        s3_location = Location.parse(s3_location.url, options)
     payload = tmp_path / "location.pickle"
     payload.write_bytes(pickle.dumps(s3_location))
     script = ("import pickle, sys, json\n"

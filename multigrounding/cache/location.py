@@ -20,9 +20,10 @@ From one location it gives
 * ``obstore()`` — the raw obstore store under the prefix, for conditional writes (the lock).
 
 Settings not in the storage options come the usual way: the endpoint and region from
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (read
-here once, then passed explicitly to every engine so all three agree), credentials from each
-engine's own default chain (environment, profile, instance role) when no ``key`` is given.
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, read
+once by ``parse`` into the options (so every engine, and every dask worker, uses the client's),
+credentials from each engine's own default chain (environment, profile, instance role) on the
+host where the engine runs, when no ``key`` is given.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class Location:
         options = dict(storage_options or {})
         if scheme in ("s3", "s3a"):
             _check_s3_options(text, options)
+            options = _with_environment(options)
             scheme = "s3"
         return cls(f"{scheme}://{rest}", options)
 
@@ -319,14 +321,27 @@ class _S3Settings:
     anon: bool
 
 
+def _with_environment(options: dict) -> dict:
+    """The endpoint and region from the usual AWS variables where the options name none, so
+    that they travel with the location to dask workers (credentials do not: each host keeps
+    its own chain unless ``key``/``secret`` are given)."""
+    client = dict(options.get("client_kwargs") or {})
+    if not (options.get("endpoint_url") or client.get("endpoint_url")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    if not client.get("region_name"):
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            client["region_name"] = region
+            options["client_kwargs"] = client
+    return options
+
+
 def _s3_settings(options: Mapping[str, Any]) -> _S3Settings:
-    """Explicit storage options first, then the usual AWS environment variables."""
     client = options.get("client_kwargs") or {}
-    endpoint = (options.get("endpoint_url") or client.get("endpoint_url")
-                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or "")
-    region = (client.get("region_name") or os.environ.get("AWS_REGION")
-              or os.environ.get("AWS_DEFAULT_REGION") or "")
+    endpoint = options.get("endpoint_url") or client.get("endpoint_url") or ""
+    region = client.get("region_name") or ""
     return _S3Settings(endpoint=endpoint.rstrip("/"), region=region, key=options.get("key"),
                        secret=options.get("secret"), token=options.get("token"),
                        anon=bool(options.get("anon", False)))
