@@ -42,6 +42,7 @@ def _write_example(group: zarr.Group) -> np.ndarray:
     ("cache/dir", "cache/dir"),
     ("/abs/cache", "/abs/cache"),
     ("file:///abs/cache", "/abs/cache"),
+    ("FILE:///abs/cache", "/abs/cache"),
     ("s3://bucket/a/b/", "s3://bucket/a/b"),
     ("s3a://bucket/a", "s3://bucket/a"),
     ("S3://bucket", "s3://bucket"),
@@ -51,6 +52,16 @@ def test_parse(text, url):
     location = Location.parse(text)
     assert location.url == url
     assert location.is_local == ("://" not in url)
+
+
+def test_joinpath_keeps_the_storage_options():
+    options = {"endpoint_url": "http://127.0.0.1:9"}
+    below = Location.parse("s3://b/p/", options).joinpath("visual/", "level0")
+    assert below.url == "s3://b/p/visual/level0" and dict(below.storage_options) == options
+    assert Location.parse("some/dir").joinpath("visual", "level0").path == Path(
+        "some/dir/visual/level0")
+    with pytest.raises(LocationError, match="not a local path"):
+        below.path
 
 
 def test_storage_options_are_kept_for_urls_and_dropped_for_local_paths():

@@ -82,9 +82,9 @@ class Location:
             return where
         text = os.fspath(where)
         scheme, sep, rest = text.partition("://")
+        scheme = scheme.lower()
         if not sep or scheme in ("file", "local"):
             return cls(rest if sep else text, {})
-        scheme = scheme.lower()
         if scheme not in ("s3", "s3a"):  # s3 goes through obstore, not fsspec's s3fs
             _check_scheme(scheme, text)
         rest = rest.strip("/")
