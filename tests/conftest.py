@@ -44,3 +44,18 @@ def image_factory(tmp_path):
     def make(relative: str, width: int = 64, height: int = 48, **kwargs) -> Path:
         return write_image(tmp_path / relative, width, height, **kwargs)
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on 127.0.0.1 (a free port) for the whole session (tests/s3_server.py)."""
+    from s3_server import LocalS3
+
+    with LocalS3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the session's S3 server; its name."""
+    return s3_server.new_bucket()
