@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import dask
 import numpy as np
@@ -28,6 +28,7 @@ from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.pipeline.models import ModelKey, get_model
 from multigrounding.pipeline.scheduler import plan_workers, run_tasks
+from multigrounding.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -92,46 +93,58 @@ class ExtractionSummary:
         return self.shards_already_done + self.shards_run - len(self.failed_shards)
 
 
-class ShardJob(Protocol):
-    """What a kind of extraction supplies to ``run_sharded``."""
+@dataclass
+class ShardJob:
+    """What every extraction job takes, and what a kind of extraction supplies to
+    ``run_sharded``: a subclass adds its own fields (with their defaults) and the methods below."""
 
-    unit: ClassVar[str]                      # what the items are called: "images", "sequences"
-    store_class: ClassVar[type[ShardedStore]]
-    cache: Path
-    manifest: Path
-    device: str
-    scheduler: str
-    workers: int | None
-    batch_size: int
-    overwrite: bool
+    unit: ClassVar[str] = "items"             # what the items are called: "images", "sequences"
+    store_class: ClassVar[type[ShardedStore]] = ShardedStore
+
+    manifest: Path = setting(None, "The manifest to extract from.", kind="path", path="file",
+                             required=True, cli=False)
+    cache: Path = setting(None, "The feature store to write (a folder).", kind="path", path="dir",
+                          required=True)
+    device: str = setting("auto", DEVICE_HELP, kind="str")
+    scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
+    workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
+    overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
 
     def layout(self) -> Any:
         """Everything the manifest alone decides; refuses bad input before any work starts."""
+        raise NotImplementedError
 
     def item_ids(self, layout: Any) -> Sequence[str]:
         """The id of every item, in store order (names failed items)."""
+        raise NotImplementedError
 
     def counts(self, layout: Any) -> dict[str, int]:
         """Totals worth reporting besides the items (captions, phrases)."""
+        return {}
 
     def model_key(self, device: str, torch_threads: int) -> ModelKey:
         """The key of the model the tasks run (built once per process)."""
-
-    def store_config(self, model: Any, layout: Any) -> dict:
-        """The store's config: everything that shaped the numbers, and the layout."""
+        raise NotImplementedError
 
     def preflight(self, model: Any, layout: Any) -> None:
         """Refuse, before any work, input the model cannot take (a caption too long for it)."""
 
+    def store_config(self, model: Any, layout: Any):
+        """The store's typed config: everything that shaped the numbers, and the layout."""
+        raise NotImplementedError
+
     def input_files(self, layout: Any) -> Sequence[str]:
         """The files the job reads (images): a cache is never put where they are."""
+        return []
 
     def shard_inputs(self, layout: Any, rows: slice) -> Any:
         """The picklable inputs of the shard holding ``rows`` (image paths, word lists)."""
+        raise NotImplementedError
 
     @staticmethod
     def task(store_path: str, shard: int, inputs: Any, key: ModelKey, batch_size: int) -> ShardResult:
         """Compute and write one whole shard (module-level, picklable; never raises)."""
+        raise NotImplementedError
 
 
 def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = None

