@@ -130,23 +130,27 @@ def build_by_extraction(root: Path, args) -> Path:
                           overwrite=True)
     summary = extract_images(job)
     if not summary.ok:
-        raise RuntimeError(f"extraction failed: {summary.failed_images[:3]} {summary.failed_shards}")
+        raise RuntimeError(f"extraction failed: {summary.failed_items[:3]} {summary.failed_shards}")
     return cache
 
 
 def build_random(root: Path, args) -> Path:
-    from multigrounding.cache.image_store import OK, ImageFeatureStore
+    from multigrounding.cache.image_store import (OK, ImageFeatureStore, ImageLayout,
+                                                  ImageStoreConfig, LevelInfo)
     from multigrounding.pipeline.backbones import get_backbone_spec
 
     spec = get_backbone_spec(args.backbone)
-    config = {"backbone": spec.name, "weights": {"weights": "random float16 data (benchmark)"},
-              "levels": [{"name": lv.name, "module": lv.module, "channels": lv.channels,
-                          "stride": lv.stride} for lv in spec.levels],
-              "grid": spec.grid, "input_size": spec.input_size, "dtype": "float16",
-              "shard_size": args.shard_size}
+    config = ImageStoreConfig(
+        manifest_path="-", manifest={"sha256": "-", "images": args.images}, backbone=spec.name,
+        weights={"weights": "random float16 data (benchmark)"},
+        levels=[LevelInfo(lv.name, lv.module, lv.channels, lv.stride) for lv in spec.levels],
+        grid=spec.grid, input_size=spec.input_size, resize="-", dtype="float16",
+        shard_size=args.shard_size, versions={})
     ids = [f"img{i:06d}" for i in range(args.images)]
     cache = root / "cache"
-    store, _ = ImageFeatureStore.create_or_resume(cache, config, ids, overwrite=True)
+    if cache.exists():
+        shutil.rmtree(cache)
+    store, _ = ImageFeatureStore.create_or_resume(cache, config, ImageLayout(ids, []))
     rng = np.random.default_rng(args.seed)
     for shard in range(store.num_shards):
         rows = store.shard_slice(shard)
@@ -191,10 +195,11 @@ def make_readers(cache: Path, npy_dir: Path, args):
     readers = {"cache": read_cache, "cache, warm": read_warm, "npy": read_npy, "zarr": read_zarr}
     ratios = {}
     for name in [c.strip() for c in args.codecs.split(",") if c.strip()]:
-        from multigrounding.cache.reader import open_tensorstore
+        import tensorstore as ts
 
         folder, ratio = copy_with_codec(cache, cache.parent / f"codec-{name}", name)
-        levels = [open_tensorstore(folder / f"level{k}") for k in range(len(store.levels))]
+        levels = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(folder / f"level{k}")}},
+                          read=True).result() for k in range(len(store.levels))]
 
         def read_copy(rows, levels=levels):
             index = np.asarray(rows, dtype=np.int64)

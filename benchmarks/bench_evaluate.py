@@ -42,7 +42,7 @@ from _common import Stat, machine_line, table  # noqa: E402
 
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader  # noqa: E402
 from multigrounding.datasets.synth import generate_synth  # noqa: E402
-from multigrounding.evaluation import grounding  # noqa: E402
+from multigrounding.evaluation import phrase_pointing as grounding  # noqa: E402
 from multigrounding.evaluation.phrase_pointing import evaluate_pointing  # noqa: E402
 from multigrounding.evaluation.report import retrieval_rows  # noqa: E402
 from multigrounding.evaluation.retrieval import score_matrix  # noqa: E402
@@ -70,9 +70,9 @@ def build_caches(root: Path, images: int, weights: str) -> tuple[Path, Path, Pat
 def make_heads(images: Path, text: Path, dim: int) -> GroundingHeads:
     image_config = VisualBatchReader(images).store.config
     text_config = TextBatchReader(text).store.config
-    config = HeadsConfig(visual_channels=[level["channels"] for level in image_config["levels"]],
-                         text_layers=int(text_config["num_layers"]), text_dim=int(text_config["dim"]),
-                         sentence_vectors=int(text_config["num_sentence_vectors"]), dim=dim)
+    config = HeadsConfig(visual_channels=image_config.channels, text_layers=text_config.num_layers,
+                         text_dim=text_config.dim, sentence_vectors=text_config.num_sentence_vectors,
+                         dim=dim)
     torch.manual_seed(0)
     return GroundingHeads(config).eval()
 
