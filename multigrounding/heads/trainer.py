@@ -25,6 +25,7 @@ from multigrounding import __version__
 from multigrounding.atomic import atomic_open
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
+from multigrounding.heads.distributed import batch_scores, gather_columns, gather_text
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -233,14 +234,16 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
     heads.train()
     device = torch.device(device)
     # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32
+    # heads may be DistributedDataParallel (one forward call) holding this process's part of the
+    # batch; the scores are the whole batch's either way (heads/distributed.py)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        visual = heads.map_visual([_to_device(level, device).float() for level in batch.visual])
-        words = heads.map_words(_to_device(batch.tokens, device).float())
-        mask = _to_device(batch.mask, device)
-        sentence = heads.map_sentence(_to_device(batch.sentence, device).float())
-        r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1,
+        visual, words, sentence = heads([_to_device(level, device).float() for level in batch.visual],
+                                        _to_device(batch.tokens, device).float(),
+                                        _to_device(batch.sentence, device).float())
+        words, mask, sentence = gather_text(words, _to_device(batch.mask, device), sentence)
+        r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
-    terms = training_loss(r_w, r_s, heads.l2_penalty(), config, epoch)
+    terms = training_loss(r_w, r_s, getattr(heads, "module", heads).l2_penalty(), config, epoch)
     if config.phrase_loss > 0:
         terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
         terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
@@ -263,6 +266,7 @@ def phrase_term(words, visual, labels, config: TrainConfig, device):
     label_words = words[caption[:, None], positions]                      # [Q, P, D]
     scores, _ = cross_scores(label_words, torch.from_numpy(labels.mask).to(device), None, visual,
                              gamma1=config.gamma1, heatmap=config.heatmap)
+    scores = gather_columns(scores)           # against every process's images: [Q, B]
     return phrase_matching_loss(scores, caption, torch.from_numpy(labels.negative).to(device),
                                 config.gamma2)
 
