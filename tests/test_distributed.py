@@ -7,7 +7,7 @@ test runs all its cases in one spawn (a process start costs seconds on this mach
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import signal
 import socket
@@ -145,10 +145,8 @@ def reference(batch: Batch, config: TrainConfig, epoch: int) -> tuple[dict, dict
 
 
 def wrap(heads: GroundingHeads):
-    """DDP as the trainer will use it. static_graph: with one loss term off (loss_terms word or
-    sentence) the other mapping's output is computed but gets no gradient; DDP learns that in
-    the first step instead of waiting for it."""
-    return torch.nn.parallel.DistributedDataParallel(heads, static_graph=True)
+    """DDP as the trainer will use it."""
+    return distributed.wrap(heads, torch.device("cpu"))
 
 
 def _join(rank: int, init_file: str) -> None:
@@ -157,8 +155,8 @@ def _join(rank: int, init_file: str) -> None:
                       init_method=f"file://{init_file}", timeout_s=120)
 
 
-# three Adam steps: the paper's loss with the phrase term, and a run with one term off (unused
-# parameters, DDP's static graph) whose triplet loss switches from warm-up to hardest midway
+# three Adam steps: the paper's loss with the phrase term, and a run with one term off whose
+# triplet loss switches from warm-up to hardest midway
 ADAM_RUNS = [("multigrounding-phrase", dict(loss="multigrounding", phrase_loss=0.5), (0, 0, 0)),
              ("triplet-word", dict(loss="triplet-hard", loss_terms="word", triplet_warmup=1),
               (0, 1, 1))]
@@ -361,3 +359,42 @@ def test_killing_one_process_stops_the_other_within_a_minute(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+TORCHRUN_WORKER = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_distributed import BATCH, batch_share, global_batch, make_heads, train_config, wrap
+    from multigrounding.heads import distributed
+    from multigrounding.heads.trainer import _step
+    launch = distributed.Launch.from_env()
+    distributed.start(launch, "cpu", timeout_s=60)
+    model = wrap(make_heads(torch.float64))
+    part = distributed.batch_part(BATCH, launch.rank, launch.world_size)
+    terms = _step(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                  batch_share(global_batch(1), part), train_config(**{fields!r}), "cpu")
+    if launch.is_main:
+        with open({out!r}, "w") as handle:
+            json.dump({{"terms": terms, "launch": list(launch.__dict__.values())}}, handle)
+    distributed.stop()
+""")
+
+
+@pytest.mark.slow
+def test_torchrun_launches_a_step_equal_to_one_process(tmp_path):
+    """The real launcher: torchrun's environment is read, the group formed over env:// (TCP),
+    and the two processes' loss is the single-process loss."""
+    fields = dict(loss="multigrounding", phrase_loss=0.7)
+    script = tmp_path / "worker.py"
+    script.write_text(TORCHRUN_WORKER.format(tests=str(Path(__file__).parent), fields=fields,
+                                             out=str(tmp_path / "rank0.json")))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", str(WORLD), str(script)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    rank, world_size, local_rank, address, port = result["launch"]
+    assert (rank, world_size, local_rank) == (0, WORLD, 0) and address and port
+    expected, _ = reference(global_batch(1), train_config(**fields), 0)
+    for key, value in expected.items():
+        assert abs(result["terms"][key] - value) <= 1e-10, key

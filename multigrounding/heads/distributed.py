@@ -180,6 +180,22 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def wrap(heads: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The heads in DistributedDataParallel when there are several processes, else as they are.
+
+    ``static_graph``: DDP records in the first step which parameters receive a gradient rather
+    than assuming every one does (a switched-off loss term's mapping may get none)."""
+    if world()[1] == 1:
+        return heads
+    return torch.nn.parallel.DistributedDataParallel(
+        heads, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The heads inside ``wrap``'s result (what checkpoints store: the same keys for any N)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 # ------------------------------------------------------------------------------- the split
 def batch_part(batch_size: int, rank: int, world_size: int) -> slice:
     """The rows of a global batch that process ``rank`` of ``world_size`` holds (contiguous)."""
@@ -211,7 +227,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)   # never reduce autograd's buffer
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 

@@ -25,7 +25,7 @@ from multigrounding import __version__
 from multigrounding.atomic import atomic_open
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
-from multigrounding.heads.distributed import batch_scores, gather_columns, gather_text
+from multigrounding.heads.distributed import batch_scores, gather_columns, gather_text, unwrap
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -243,7 +243,7 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
         words, mask, sentence = gather_text(words, _to_device(batch.mask, device), sentence)
         r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
-    terms = training_loss(r_w, r_s, getattr(heads, "module", heads).l2_penalty(), config, epoch)
+    terms = training_loss(r_w, r_s, unwrap(heads).l2_penalty(), config, epoch)
     if config.phrase_loss > 0:
         terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
         terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
