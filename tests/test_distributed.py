@@ -368,15 +368,15 @@ TORCHRUN_WORKER = textwrap.dedent("""
     from multigrounding.heads import distributed
     from multigrounding.heads.trainer import _step
     launch = distributed.Launch.from_env()
-    distributed.start(launch, "cpu", timeout_s=60)
-    model = wrap(make_heads(torch.float64))
-    part = distributed.batch_part(BATCH, launch.rank, launch.world_size)
-    terms = _step(model, torch.optim.SGD(model.parameters(), lr=0.0),
-                  batch_share(global_batch(1), part), train_config(**{fields!r}), "cpu")
-    if launch.is_main:
-        with open({out!r}, "w") as handle:
-            json.dump({{"terms": terms, "launch": list(launch.__dict__.values())}}, handle)
-    distributed.stop()
+    with distributed.process_group(launch, "cpu", timeout_s=60):
+        model = wrap(make_heads(torch.float64))
+        part = distributed.batch_part(BATCH, launch.rank, launch.world_size)
+        terms = _step(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                      batch_share(global_batch(1), part), train_config(**{fields!r}), "cpu")
+        if launch.is_main:
+            with open({out!r}, "w") as handle:
+                json.dump({{"terms": terms, "launch": list(launch.__dict__.values())}}, handle)
+    assert distributed.world() == (0, 1)
 """)
 
 
