@@ -514,9 +514,9 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, **options) 
         config = RunFolder(resume_dir).config()
     else:
         config = TrainConfig.merged(config_file, given)
-    launch = Launch.from_env()
     if nproc is not None and nproc > 1:
-        _start_processes(config, nproc, launch)
+        _start_processes(config, nproc)
+    launch = Launch.from_env()
     validate = None
     if config.val_manifest:
         from multigrounding.evaluation.phrase_pointing import pointing_validator
@@ -544,21 +544,21 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, **options) 
                f"{summary.final_loss:.4f}{best}; {summary.seconds:.1f} s")
 
 
-def _start_processes(config, nproc: int, launch) -> None:
+def _start_processes(config, nproc: int) -> None:
     """``train --nproc N``: this command again in N processes under torchrun (this process
     becomes torchrun), each with its share of the cores' threads."""
     import os
 
     from multigrounding.heads.distributed import batch_part, launcher_argv
 
-    if launch.world_size > 1 or "WORLD_SIZE" in os.environ:
+    if "WORLD_SIZE" in os.environ:
         raise click.UsageError("--nproc starts torchrun itself; this process was already started "
                                "by a launcher (WORLD_SIZE is set): leave --nproc out")
+    batch_part(config.batch_size, 0, nproc)             # a remainder is refused here, once
     arguments = sys.argv[1:]
     if not any(a == "--nproc" or a.startswith("--nproc=") for a in arguments):
         raise click.UsageError("--nproc restarts this command line under torchrun, so it works "
                                "only from a shell; elsewhere start torchrun yourself")
-    batch_part(config.batch_size, 0, nproc)             # a remainder is refused here, once
     argv = launcher_argv(arguments, nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))

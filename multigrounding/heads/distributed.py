@@ -211,11 +211,14 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def is_collective_error(error: BaseException) -> bool:
-    """A collective that failed because another process stopped, was killed or timed out
-    (torch.distributed.DistError; plain RuntimeError from gloo before torch 2.1)."""
-    kind = getattr(dist, "DistError", None)
-    return isinstance(error, kind) if kind is not None else \
-        isinstance(error, RuntimeError) and "gloo" in str(error).lower()
+    """A collective that failed because another process stopped, was killed or timed out:
+    torch.distributed.DistError, or the plain RuntimeError gloo still raises for a lost
+    connection or a timeout ("[.../gloo/transport/tcp/pair.cc:545] Read error ...")."""
+    kind = getattr(dist, "DistError", ())
+    if isinstance(error, kind):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and world()[1] > 1 and ("gloo" in text or "nccl" in text)
 
 
 def launcher_argv(arguments: list[str], nproc: int) -> list[str]:
