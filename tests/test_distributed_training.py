@@ -264,7 +264,32 @@ def train_arguments(caches, out, *extra) -> list[str]:
             "--epochs", "20", *extra]
 
 
-def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(caches, tmp_path):
+def torchrun(arguments: list[str], **kwargs):
+    return subprocess.Popen(launcher_argv(arguments, WORLD), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(caches, tmp_path_factory) -> Path:
+    """train_arguments' run in two processes (torchrun), never interrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    whole = torchrun(train_arguments(caches, out))
+    output, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, output[-3000:]
+    return out
+
+
+def wait_for_steps(out: Path, steps: int, processes: list) -> None:
+    deadline = time.monotonic() + 240
+    while len(losses(out) if (out / "metrics.jsonl").is_file() else []) < steps:
+        assert all(p.poll() is None for p in processes), processes[0].communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(caches, reference,
+                                                                          tmp_path):
     """Two processes started as a launcher would (the environment only); rank 1 killed after
     the first epoch: rank 0 stops at once, saying why, with last.pt saved at its last step.
     Resumed with torchrun (2 processes) it is the uninterrupted two-process run exactly;
@@ -274,11 +299,7 @@ def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(cache
     ranks = [cli_run(train_arguments(caches, killed, "--dist-timeout", "30"), launcher_env(r, port))
              for r in range(WORLD)]
     try:
-        deadline = time.monotonic() + 240
-        while len(losses(killed) if (killed / "metrics.jsonl").is_file() else []) < 6:
-            assert all(p.poll() is None for p in ranks), ranks[0].communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "the run never got going"
-            time.sleep(0.02)
+        wait_for_steps(killed, 6, ranks)
         os.kill(ranks[1].pid, signal.SIGKILL)
         at = time.monotonic()
         output, _ = ranks[0].communicate(timeout=60)
@@ -297,20 +318,11 @@ def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(cache
     # resume with 2 processes (torchrun itself) and, from a copy, with 1
     with_one = tmp_path / "with-one"
     shutil.copytree(killed, with_one, ignore=shutil.ignore_patterns(".lock"))
-    torchrun = subprocess.run(launcher_argv(["train", "--resume", str(killed)], WORLD),
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                              text=True, timeout=600)
-    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
-    single = cli_run(["train", "--resume", str(with_one)])
-    assert single.wait(timeout=600) == 0, single.communicate()[0][-3000:]
-    single.communicate()
+    for resumed in (torchrun(["train", "--resume", str(killed)]),
+                    cli_run(["train", "--resume", str(with_one)])):
+        output, _ = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, output[-3000:]
 
-    # the reference: the same run in two processes, never interrupted
-    reference = tmp_path / "reference"
-    whole = subprocess.run(launcher_argv(train_arguments(caches, reference), WORLD),
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                           text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
     want = dict(losses(reference))
     gaps = {}
     for out in (killed, with_one):
@@ -328,6 +340,35 @@ def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(cache
     after = dict(losses(with_one))
     assert all(abs(after[s] - want[s]) <= 1e-5 for s in range(saved.step + 1, saved.step + 4))
     assert gaps["with-one"][0] <= 1e-3 and gaps["with-one"][1] <= 1e-3
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_process_at_one_step_and_rank_0_saves_it(caches, reference,
+                                                                                tmp_path):
+    """What a scheduler (or Ctrl-C) does: torchrun forwards the signal to every process, they
+    stop together after one step, rank 0 saves that step; --resume is the uninterrupted run."""
+    out = tmp_path / "stopped"
+    run = torchrun(train_arguments(caches, out))
+    try:
+        wait_for_steps(out, 6, [run])
+        run.send_signal(signal.SIGTERM)
+        at = time.monotonic()
+        output, _ = run.communicate(timeout=60)
+        took = time.monotonic() - at
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    saved = Checkpoint.load(out / "last.pt")
+    print(f"torchrun exited {run.returncode} {took:.1f} s after SIGTERM; last.pt at step {saved.step}")
+    assert run.returncode != 0 and took < 30           # inside torchrun's 30 s grace period
+    assert "Error: interrupted" in output, output[-3000:]         # rank 0's message
+    assert 6 <= saved.step < 80 and saved.step == max(s for s, _ in losses(out))
+    resumed = torchrun(["train", "--resume", str(out)])
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert losses(out) == losses(reference)
+    assert max(differences(weights(out), weights(reference)).values()) == 0.0
 
 
 # ------------------------------------------------------------------ sharded validation
