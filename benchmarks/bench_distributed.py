@@ -1,12 +1,19 @@
 """Multi-process head training (issue 15): the cost of splitting one global batch over processes.
 
 1. Step time and peak memory per process, world size 1 vs 2 at the same global batch B, each
-   world in fresh processes (gloo on CPU), alternated over rounds. World 1 gets every core's
-   torch threads, each of the two processes half of them, so both use the same cores: on a
-   2-core machine the ratio is the overhead of the gathers and of DDP, not a speed-up.
+   world in fresh processes (gloo on CPU), alternated over rounds: the trainer's step
+   (``trainer._step``, DDP as ``distributed.wrap`` makes it) on cache-shaped synthetic batches.
+   One torch thread per process is the like-for-like comparison; world 1 on every core is the
+   other view. On a 2-core machine the ratio is the overhead of the gathers and of DDP, not a
+   speed-up.
 2. The bytes each process sends through collectives per step, as a function of B and D: the
    formula below, and measured by counting every tensor handed to a collective (the gathers'
    forward and backward, and DDP's gradient buckets through a counting communication hook).
+3. The whole trainer (``train()``: the cache read ahead, DDP, metrics, checkpoints, the stop
+   agreement each step) on a real extracted cache, 1 process vs 2 started as torchrun would
+   (the environment only), the same global B and seed: seconds per step (compute + waiting for
+   data, rank 0's metrics), wall time, peak RSS per process, and how far the two runs' losses
+   and weights end apart.
 
 Payload bytes per process per step (e = 4 bytes, N processes, b = B/N, T = the batch's longest
 caption, Q = phrase labels, P = trainable parameters):
@@ -21,13 +28,18 @@ caption, Q = phrase labels, P = trainable parameters):
 
 A ring all-reduce of S bytes moves about 2 (N-1)/N S in and out of each process.
 
+The trainer adds one 8-byte all-reduce per step (whether any process was asked to stop).
+
 Run:  python benchmarks/bench_distributed.py [--batch 32] [--dim 256] [--rounds 3] [--steps 5]
+      [--trainer-images 256] [--workdir DIR]   (--trainer-images 0 skips part 3)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import socket
 import sys
 import tempfile
 import time
@@ -43,9 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Stat, cores, machine_line, table  # noqa: E402
 
 from multigrounding.heads import distributed  # noqa: E402
+from multigrounding.heads.checkpoint import Checkpoint  # noqa: E402
+from multigrounding.heads.config import TrainConfig  # noqa: E402
 from multigrounding.heads.data import Batch  # noqa: E402
 from multigrounding.heads.model import GroundingHeads, HeadsConfig  # noqa: E402
-from multigrounding.heads.trainer import TrainConfig, _step  # noqa: E402
+from multigrounding.heads.trainer import _step, train  # noqa: E402
 
 
 def synthetic_batch(seed: int, args, batch: int) -> Batch:
@@ -112,10 +126,9 @@ def _join(rank: int, world: int, rendezvous: str, threads: int) -> None:
 
 
 def _model(heads: GroundingHeads, world: int, counter: Counter | None = None):
-    if world == 1:
-        return heads
-    model = torch.nn.parallel.DistributedDataParallel(heads)
-    if counter is not None:
+    """The trainer's model: ``distributed.wrap`` (DDP with a static graph in a group)."""
+    model = distributed.wrap(heads, torch.device("cpu"))
+    if world > 1 and counter is not None:
         model.register_comm_hook(None, counter.ddp_hook)
     return model
 
@@ -185,6 +198,76 @@ def run(worker, world: int, args, threads: int = 1) -> list[dict] | list:
         return [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(world)]
 
 
+# ----------------------------------------------------------------------- 3. the whole trainer
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_worker(rank: int, world: int, port: int, out: str, settings: dict, threads: int) -> None:
+    """One process of a run as a launcher starts it: the environment, then ``train``."""
+    if world > 1:
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(threads)
+    summary = train(TrainConfig(**settings))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"seconds": summary.seconds, "steps": summary.steps,
+         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_trainer(world: int, threads: int, settings: dict, folder: Path) -> dict:
+    folder.mkdir(parents=True)
+    settings = {**settings, "out": str(folder / "run")}
+    mp.spawn(trainer_worker, args=(world, _free_port(), str(folder), settings, threads),
+             nprocs=world, join=True)
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
+    rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r][1:]                # the first step builds DDP's graph
+    return {"step": float(np.median([r["step_seconds"] + r["data_wait_seconds"] for r in steps])),
+            "wait": float(np.median([r["data_wait_seconds"] for r in steps])),
+            "wall": max(r["seconds"] for r in ranks) / ranks[0]["steps"],
+            "peak": [r["peak_mb"] for r in ranks],
+            "losses": [r["loss"] for r in rows if "loss" in r],
+            "weights": Checkpoint.load(folder / "run" / "last.pt").model}
+
+
+def bench_trainer(args) -> None:
+    from bench_train import build_caches
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-ddp-"))
+    _, images, text = build_caches(workdir / "caches", args.trainer_images, "efficientnet_lite0",
+                                   "imagenet")
+    settings = dict(images=str(images), text=str(text), out="-", dim=args.dim,
+                    batch_size=args.batch, epochs=args.trainer_epochs, seed=0, device="cpu")
+    setups = [(1, 1), (2, 1), (1, cores())] if cores() > 1 else [(1, 1), (2, 1)]
+    found = {s: [] for s in setups}
+    for round_ in range(args.rounds):
+        for s in (setups if round_ % 2 == 0 else setups[::-1]):
+            found[s].append(run_trainer(*s, settings, workdir / f"runs-{round_}-{s[0]}x{s[1]}"))
+    rows = []
+    for w, t in setups:
+        results = found[(w, t)]
+        rows.append([f"{w} x {t} thread{'s' if t > 1 else ''}", Stat([r["step"] for r in results]).fmt(".3f", " s"),
+                     Stat([r["wait"] for r in results]).fmt(".3f", " s"),
+                     Stat([r["wall"] for r in results]).fmt(".2f", " s"),
+                     Stat([p for r in results for p in r["peak"]]).fmt(".0f", " MB")])
+    steps = len(found[(1, 1)][0]["losses"])
+    print(f"## 3. the whole trainer: {args.trainer_images} synthetic images (EfficientNet-Lite0, "
+          f"MiniLM), B={args.batch}, D={args.dim}, {args.trainer_epochs} epochs = {steps} steps")
+    print(table(["processes x threads", "s/step (compute + data wait, rank 0)", "of which data wait",
+                 "wall s/step (whole run incl. start)", "peak RSS per process"], rows))
+    ratio = Stat([b["step"] / a["step"] for a, b in zip(found[(1, 1)], found[(2, 1)])])
+    one, two = found[(1, 1)][0], found[(2, 1)][0]
+    loss_gap = max(abs(a - b) for a, b in zip(one["losses"], two["losses"]))
+    gaps = {k: float((one["weights"][k] - two["weights"][k]).abs().max()) for k in one["weights"]}
+    others = max(v for k, v in gaps.items() if k != "word_mix.gamma")
+    print(f"s/step 2 processes / 1 (1 thread each): {ratio.fmt('.2f')}; float32 after {steps} "
+          f"steps, 2 processes vs 1: loss <= {loss_gap:.1e}, weights <= {others:.1e} (the word "
+          f"mix's gamma {gaps['word_mix.gamma']:.1e})\n")
+
+
 def formula(batch: int, dim: int, words: int, parameters: int, world: int, e: int = 4) -> dict:
     n, b = world, batch // world
     return {"all_gather": (n - 1) * (b * words + b * (words + 1) * dim * e + 2 * batch * b * e),
@@ -192,29 +275,7 @@ def formula(batch: int, dim: int, words: int, parameters: int, world: int, e: in
             "ddp": parameters * e}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--grid", type=int, default=8, help="M: the cached maps are M x M")
-    parser.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")],
-                        default=[40, 112, 320, 1280], help="C_k of each cached level")
-    parser.add_argument("--words", type=int, default=15, help="the longest caption (T)")
-    parser.add_argument("--text-layers", type=int, default=7)
-    parser.add_argument("--text-dim", type=int, default=384)
-    parser.add_argument("--sentence-vectors", type=int, default=14)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--byte-batches", type=lambda s: [int(c) for c in s.split(",")],
-                        default=[8, 16, 32])
-    parser.add_argument("--byte-dims", type=lambda s: [int(c) for c in s.split(",")],
-                        default=[128, 512])
-    args = parser.parse_args()
-    print(machine_line())
-    print(f"B={args.batch}, D={args.dim}, M={args.grid}, levels {args.channels}, T={args.words}, "
-          f"text {args.text_layers}x{args.text_dim}, {args.sentence_vectors} sentence vectors; "
-          f"{args.steps} timed steps after one warm-up, {args.rounds} rounds\n")
-
+def bench_steps(args) -> None:
     # (processes, torch threads each): one thread each is the like-for-like comparison (the same
     # work per thread; CPU seconds show the overhead); world 1 on every core is the other view
     setups = [(1, 1), (2, 1), (1, cores())] if cores() > 1 else [(1, 1), (2, 1)]
@@ -244,16 +305,50 @@ def main() -> None:
           f"overhead; wall-clock speed-up of 2 processes over 1 on these {cores()} cores: "
           f"{speed.fmt('.2f')}; float32 loss |world 2 - world 1| <= {max(loss_gap):.1e}\n")
 
-    print("## 2. bytes through collectives per process per step (world 2), measured vs formula")
-    measured = run(bytes_worker, 2, args)
-    rows = []
-    for row in measured:
-        expected = formula(row["B"], row["D"], args.words, row["P"], 2)
-        rows.append([row["B"], row["D"], row["P"]] + [
-            f"{row.get(k, 0):,} / {expected[k]:,}" for k in ("all_gather", "all_reduce", "ddp")])
-    print(table(["B", "D", "parameters", "gathers received (measured / formula)",
-                 "gather backward + max all-reduces", "DDP gradient all-reduce"], rows))
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--grid", type=int, default=8, help="M: the cached maps are M x M")
+    parser.add_argument("--channels", type=lambda s: [int(c) for c in s.split(",")],
+                        default=[40, 112, 320, 1280], help="C_k of each cached level")
+    parser.add_argument("--words", type=int, default=15, help="the longest caption (T)")
+    parser.add_argument("--text-layers", type=int, default=7)
+    parser.add_argument("--text-dim", type=int, default=384)
+    parser.add_argument("--sentence-vectors", type=int, default=14)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--byte-batches", type=lambda s: [int(c) for c in s.split(",")],
+                        default=[8, 16, 32])
+    parser.add_argument("--byte-dims", type=lambda s: [int(c) for c in s.split(",")],
+                        default=[128, 512])
+    parser.add_argument("--trainer-images", type=int, default=256,
+                        help="part 3: images in the extracted cache (0: skip part 3)")
+    parser.add_argument("--trainer-epochs", type=int, default=3)
+    parser.add_argument("--workdir", help="keep the cache of part 3 here (reused when present)")
+    parser.add_argument("--only", choices=("steps", "bytes", "trainer"), help="run one part")
+    args = parser.parse_args()
+    print(machine_line())
+    print(f"B={args.batch}, D={args.dim}, M={args.grid}, levels {args.channels}, T={args.words}, "
+          f"text {args.text_layers}x{args.text_dim}, {args.sentence_vectors} sentence vectors; "
+          f"{args.steps} timed steps after one warm-up, {args.rounds} rounds\n")
+
+    if args.only in (None, "steps"):
+        bench_steps(args)
+    if args.only in (None, "bytes"):
+        print("## 2. bytes through collectives per process per step (world 2), measured vs formula")
+        measured = run(bytes_worker, 2, args)
+        rows = []
+        for row in measured:
+            expected = formula(row["B"], row["D"], args.words, row["P"], 2)
+            rows.append([row["B"], row["D"], row["P"]] + [
+                f"{row.get(k, 0):,} / {expected[k]:,}" for k in ("all_gather", "all_reduce", "ddp")])
+        print(table(["B", "D", "parameters", "gathers received (measured / formula)",
+                     "gather backward + max all-reduces", "DDP gradient all-reduce"], rows))
+    if args.only in (None, "trainer") and args.trainer_images:
+        bench_trainer(args)
 
 if __name__ == "__main__":
     main()

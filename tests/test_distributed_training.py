@@ -315,10 +315,10 @@ def test_kill_9_of_rank_1_stops_rank_0_and_the_run_resumes_with_two_or_one(cache
     saved = Checkpoint.load(killed / "last.pt")
     assert 6 <= saved.step < 80 and saved.step == max(s for s, _ in losses(killed))
 
-    # resume with 2 processes (torchrun itself) and, from a copy, with 1
+    # resume with 2 processes (train --nproc 2: torchrun) and, from a copy, with 1
     with_one = tmp_path / "with-one"
     shutil.copytree(killed, with_one, ignore=shutil.ignore_patterns(".lock"))
-    for resumed in (torchrun(["train", "--resume", str(killed)]),
+    for resumed in (cli_run(["train", "--resume", str(killed), "--nproc", "2"]),
                     cli_run(["train", "--resume", str(with_one)])):
         output, _ = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, output[-3000:]

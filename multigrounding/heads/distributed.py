@@ -30,6 +30,12 @@ Padding to the longest caption of the global batch changes no score: ``cross_sco
 the real words (``mask``). B must be a multiple of N: gathers need equal shapes, and unequal
 shards would need masked padding images in every score block for no gain.
 
+Around the step, for the trainer: ``Launch.from_env`` reads the launcher's environment,
+``joined`` forms (or reuses) the process group, ``wrap``/``unwrap`` put the heads in DDP and take
+them out for checkpoints, ``all_sum`` adds validation counts, ``StopRequests`` makes Ctrl-C and
+SIGTERM stop every process at the same step, ``is_collective_error`` tells a lost peer from a bug,
+and ``launcher_argv`` is the torchrun command ``train --nproc N`` runs.
+
 The gather is written out here (``_Gather``, forward ``all_gather``, backward ``all_reduce`` +
 own slice) rather than taken from ``torch.distributed.nn.functional.all_gather``: that one is
 deprecated from torch 2.6 on (a FutureWarning every call) in favour of a private module
