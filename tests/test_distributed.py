@@ -399,3 +399,22 @@ def test_torchrun_launches_a_step_equal_to_one_process(tmp_path):
     expected, _ = reference(global_batch(1), train_config(**fields), 0)
     for key, value in expected.items():
         assert abs(result["terms"][key] - value) <= 1e-10, key
+
+
+# ------------------------------------------------------------------------- stopping between steps
+def test_one_process_stops_between_steps_and_at_once_on_a_second_ctrl_c():
+    """Real signals to this process: the first Ctrl-C or SIGTERM only asks the loop to stop after
+    its step; a second Ctrl-C interrupts at once; restore puts Python's handlers back."""
+    default_int, default_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stops = distributed.StopRequests(torch.device("cpu")).install()
+    try:
+        assert not stops.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stops.requested()                    # still running: the step would finish
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)                           # the handler runs here at the latest
+    finally:
+        stops.restore()
+    assert signal.getsignal(signal.SIGINT) is default_int
+    assert signal.getsignal(signal.SIGTERM) is default_term

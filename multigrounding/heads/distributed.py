@@ -33,8 +33,8 @@ shards would need masked padding images in every score block for no gain.
 Around the step, for the trainer: ``Launch.from_env`` reads the launcher's environment,
 ``joined`` forms (or reuses) the process group, ``wrap``/``unwrap`` put the heads in DDP and take
 them out for checkpoints, ``all_sum`` adds validation counts, ``StopRequests`` makes Ctrl-C and
-SIGTERM stop every process at the same step, ``is_collective_error`` tells a lost peer from a bug,
-and ``launcher_argv`` is the torchrun command ``train --nproc N`` runs.
+SIGTERM stop between two steps (every process at the same one), ``is_collective_error`` tells a
+lost peer from a bug, and ``launcher_argv`` is the torchrun command ``train --nproc N`` runs.
 
 The gather is written out here (``_Gather``, forward ``all_gather``, backward ``all_reduce`` +
 own slice) rather than taken from ``torch.distributed.nn.functional.all_gather``: that one is
@@ -244,15 +244,17 @@ def launcher_argv(arguments: list[str], nproc: int) -> list[str]:
 
 
 class StopRequests:
-    """Ctrl-C and SIGTERM in a multi-process run end every process at the same step boundary.
+    """Ctrl-C and SIGTERM stop training between two steps, so that the checkpoint rank 0 saves
+    holds the weights, optimiser state and position of the same finished step.
 
-    A signal reaches each process at a different point, perhaps inside a collective; raising
-    KeyboardInterrupt there would leave the others blocked (or failing) mid-step and rank 0
-    unsure of what it holds. So while the run trains, SIGINT and SIGTERM (torchrun forwards
-    both, then kills after 30 s) only set a flag, and after every step ``requested()`` takes
-    the maximum over the processes (one 1-element all-reduce): all of them see the request at
-    the same step, with the same weights, and rank 0 saves them. One process keeps Python's
-    own Ctrl-C (KeyboardInterrupt at once) and the default SIGTERM.
+    Raised wherever the signal lands, a KeyboardInterrupt can cut ``optimiser.step()`` in half
+    or come after it but before the step is counted (a saved state that the resumed run then
+    steps again); in a process group it can also land inside a collective, leaving the others
+    blocked or failing mid-step. So while the run trains, SIGINT and SIGTERM only set a flag,
+    and after every step ``requested()`` reads it — in a process group the maximum over the
+    processes (one 1-element all-reduce), so all of them stop at the same step. One process
+    stops at once on a second Ctrl-C; processes under torchrun do not (it forwards the
+    terminal's Ctrl-C again, and kills them itself 30 s after its own signal).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -263,8 +265,8 @@ class StopRequests:
         self._previous: dict = {}
 
     def install(self) -> "StopRequests":
-        """Catch the signals (in a process group, on the main thread); ``restore`` undoes it."""
-        if world()[1] > 1 and threading.current_thread() is threading.main_thread():
+        """Catch the signals (on the main thread only); ``restore`` undoes it."""
+        if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._note)
         return self
@@ -275,15 +277,20 @@ class StopRequests:
         self._previous.clear()
 
     def _note(self, number, frame) -> None:
+        rank, size = world()
+        if self.flag and size == 1 and number == signal.SIGINT:
+            raise KeyboardInterrupt
         if not self.flag:
-            log.warning("rank %d: %s: stopping after this step (every process at the same "
-                        "one)", world()[0], signal.Signals(number).name)
+            log.warning("%s: stopping after this step%s", signal.Signals(number).name,
+                        f" (rank {rank}; every process at the same one)" if size > 1 else
+                        " (Ctrl-C again to stop at once)")
         self.flag = True
 
     def requested(self) -> bool:
-        """Whether any process was asked to stop (a collective: call it on every process)."""
+        """Whether this process, or any of its group, was asked to stop (in a group a
+        collective: call it on every process)."""
         if world()[1] == 1:
-            return False
+            return self.flag
         return any(all_sum([float(self.flag)], self.device))
 
 
