@@ -40,7 +40,7 @@ from multigrounding.heads.distributed import (DEFAULT_TIMEOUT_S, Launch, StopReq
                                               batch_part, batch_scores, gather_columns,
                                               gather_text, is_collective_error, joined, unwrap,
                                               world, wrap)
-from multigrounding.heads.inference import to_device
+from multigrounding.heads.inference import map_batch, to_device
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -247,9 +247,7 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
     # process's rows; gather_text and batch_scores make the scores the whole batch's
     # (heads/distributed.py); without one they are the identity and cross_scores.
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        visual, words, sentence = heads([to_device(level, device) for level in batch.visual],
-                                        to_device(batch.tokens, device),
-                                        to_device(batch.sentence, device))
+        visual, words, sentence = map_batch(heads, batch, device)
         words, mask, sentence = gather_text(words, to_device(batch.mask, device), sentence)
         r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
