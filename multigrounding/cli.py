@@ -475,7 +475,8 @@ def _train_config():
 @main.command("train", cls=SettingsCommand, settings=_train_config)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this directory exactly where it stopped (its config.json "
-                   "says the rest; other options are not allowed with it).")
+                   "says the rest; other options, but --nproc and --dist-timeout, are not allowed "
+                   "with it).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="A JSON config (as a run's config.json); options given here override it.")
 @click.option("--nproc", type=click.IntRange(min=1),
