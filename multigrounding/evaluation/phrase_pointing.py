@@ -26,6 +26,7 @@ from multigrounding.datasets.manifest import read_manifest
 from multigrounding.errors import DatasetError, UnknownNameError
 from multigrounding.evaluation.heatmap_metrics import (center_hit, is_hit, point_and_correctness,
                                                        random_hit_rate, skip_reason)
+from multigrounding.heads.distributed import all_sum, world
 from multigrounding.heads.inference import (grid_of, map_images, map_text, phrase_heatmap,
                                             sentence_heatmap)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
@@ -103,13 +104,19 @@ def _means(outcomes: list[PhraseOutcome]) -> dict:
 def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str | Path, *,
                       mode: str = "sentence", device: str = "cpu", batch_size: int = 32,
                       heatmap: str = "relu", keep_heatmaps: bool = False,
-                      progress=None) -> PointingResult:
+                      progress=None, shard: tuple[int, int] = (0, 1)) -> PointingResult:
     """Point every scorable phrase of ``manifest`` with ``heads``; skips counted by reason.
 
     ``progress(done, total)`` is called with the sequences grounded so far after each batch.
+    ``shard=(k, n)`` grounds only batches k, k+n, k+2n, ... (the batches one process of n
+    takes): the n shards' outcomes together are the whole evaluation's, phrase for phrase, since
+    the batches are the same; skips are counted in shard 0 only.
     """
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}")
     visual, words = VisualBatchReader(images), TextBatchReader(text)
     check_same_manifest(manifest, visual.store, words.store)
     records = list(read_manifest(manifest))
@@ -128,7 +135,8 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
         width, height = (int(v) for v in sizes[row])
         reason = skip_reason(phrase, width, height) if status[row] == OK else "image failed"
         if reason:
-            result.skipped[reason] += 1
+            if index == 0:
+                result.skipped[reason] += 1
         elif mode == "query" and phrase.caption is not None:
             if alone is None or alone[k] < 0:
                 raise CacheMismatchError(
@@ -141,7 +149,7 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
     caption_rows = set(captions.usable(status == OK).tolist())
     sequences = sorted(caption_rows | set(by_sequence))
     heads.eval()
-    for first in range(0, len(sequences), batch_size):
+    for first in range(index * batch_size, len(sequences), count * batch_size):
         tick = time.perf_counter()
         rows = np.array(sequences[first:first + batch_size])
         tokens, mask, sentence = words.read(rows)
@@ -208,9 +216,17 @@ def check_same_manifest(manifest, image_store, text_store) -> None:
 
 def pointing_validator(val_images, val_text, val_manifest, *, batch_size: int = 32,
                        heatmap: str = "relu"):
-    """``validate(heads) -> accuracy``: the pointing game on a validation set, for ``train``."""
+    """``validate(heads) -> accuracy``: the pointing game on a validation set, for ``train``.
+
+    In a multi-process run every process grounds its shard of the batches and the hits and
+    phrases are summed over the processes (one all-reduce), so each gets the accuracy one
+    process would, sooner. (Rather than rank 0 alone while the others wait at a barrier: that
+    wait would last the whole validation, so the collective timeout would have to exceed it, and
+    the other processes would idle.)"""
     def validate(heads) -> float:
-        device = str(next(heads.parameters()).device)
-        return evaluate_pointing(heads, val_images, val_text, val_manifest, device=device,
-                                 batch_size=batch_size, heatmap=heatmap).accuracy
+        device = next(heads.parameters()).device
+        result = evaluate_pointing(heads, val_images, val_text, val_manifest, device=str(device),
+                                   batch_size=batch_size, heatmap=heatmap, shard=world())
+        hits, phrases = all_sum([result.hits, len(result.outcomes)], device)
+        return hits / phrases if phrases else 0.0
     return validate

@@ -38,7 +38,8 @@ class TrainConfig:
         None, "With --val-images/--val-text: pointing accuracy each epoch, best.pt kept.",
         kind="path", path="file")
     epochs: int = setting(20, "Epochs to train.", kind="int", minimum=1)
-    batch_size: int = setting(32, "Image-caption pairs per batch (B).", kind="int", minimum=2)
+    batch_size: int = setting(32, "Image-caption pairs per batch (B; the global batch, split "
+                                  "among the processes of a torchrun run).", kind="int", minimum=2)
     lr: float = setting(1e-3, "Adam's learning rate.", kind="float", above=0)
     lr_milestones: list[int] | None = setting(
         None, "Comma-separated epochs (1-based) at whose start lr is multiplied by --lr-factor "

@@ -110,11 +110,14 @@ class PairedCaches:
             negative[i] = [c != b and key not in self.image_keys[image] for c, image in enumerate(image_rows)]
         return BatchLabels(np.array([b for b, _ in found], dtype=np.int64), positions, mask, negative)
 
-    def read(self, image_rows: np.ndarray, caption_rows: np.ndarray) -> Batch:
-        visual = self.visual.read(image_rows)
-        tokens, mask, sentence = self.text.read(caption_rows)
+    def read(self, image_rows: np.ndarray, caption_rows: np.ndarray,
+             part: slice = slice(None)) -> Batch:
+        """The pairs ``part`` of a batch (one process's share of a global batch; all of it by
+        default); the phrase labels are always the whole batch's, which every process scores."""
+        visual = self.visual.read(image_rows[part])
+        tokens, mask, sentence = self.text.read(caption_rows[part])
         labels = self.batch_labels(image_rows, caption_rows) if self.has_labels else None
-        return Batch(image_rows, caption_rows, visual, tokens, mask, sentence, labels)
+        return Batch(image_rows[part], caption_rows[part], visual, tokens, mask, sentence, labels)
 
 
 def epoch_pairs(caches: PairedCaches, batch_size: int, seed: int, epoch: int
@@ -133,21 +136,22 @@ def epoch_pairs(caches: PairedCaches, batch_size: int, seed: int, epoch: int
 
 
 class Prefetcher:
-    """Reads batches on a background thread, ``depth`` ahead; yields (batch, seconds waited)."""
+    """Reads batches (or each batch's ``part``) on a background thread, ``depth`` ahead; yields
+    (batch, seconds waited)."""
 
     def __init__(self, caches: PairedCaches, pairs: list[tuple[np.ndarray, np.ndarray]],
-                 depth: int = 3):
+                 depth: int = 3, part: slice = slice(None)):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(caches, pairs), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(caches, pairs, part), daemon=True)
         self._thread.start()
 
-    def _run(self, caches: PairedCaches, pairs) -> None:
+    def _run(self, caches: PairedCaches, pairs, part: slice) -> None:
         try:
             for image_rows, caption_rows in pairs:
                 if self._stop.is_set():
                     return
-                self._put(caches.read(image_rows, caption_rows))
+                self._put(caches.read(image_rows, caption_rows, part))
         except BaseException as exc:  # hand the error to the consumer
             self._put(exc)
         self._put(None)

@@ -39,6 +39,13 @@ def map_text(heads: GroundingHeads, tokens=None, sentence=None, device="cpu"
     return words, mapped
 
 
+def map_batch(model, batch, device) -> tuple[Tensor, Tensor, Tensor]:
+    """A training batch's ``(v, s, s̄)`` in one forward call of ``model`` (the heads, or the heads
+    inside DistributedDataParallel, which must be called, not its methods)."""
+    return model([to_device(level, device) for level in batch.visual],
+                 to_device(batch.tokens, device), to_device(batch.sentence, device))
+
+
 def phrase_map(word_maps: Tensor, weights: Tensor) -> Tensor | None:
     """The phrase heatmap: its words' maps [W, M, M] averaged with weights R_t; None if all 0."""
     total = weights.sum()

@@ -6,6 +6,15 @@ of an epoch depend only on (seed, epoch), so resuming — after Ctrl-C or kill -
 same weights as a run that never stopped. Validation is whatever the caller passes as
 ``validate(heads) -> accuracy`` (the command line passes the pointing game), so the heads know
 nothing of evaluation.
+
+Under torchrun (or any launcher that sets RANK, WORLD_SIZE, ...) the same loop runs in every
+process on its share of each global batch (``heads/distributed.py``: the scores and the loss are
+the whole batch's, the gradients one process's). Every process reads the checkpoint to resume;
+only rank 0 writes — the run folder, metrics, checkpoints (the unwrapped heads: the same file for
+any number of processes) and the loss curve — and only rank 0 reports progress. A step counts
+one global batch, so a run resumes with another number of processes at the same batch size and
+continues the same sequence. ``validate`` is called on every process (the pointing game shards
+itself and sums its counts).
 """
 from __future__ import annotations
 
@@ -27,7 +36,11 @@ from multigrounding.errors import MultigroundingError
 from multigrounding.heads.checkpoint import Checkpoint, capture_rng, restore_rng
 from multigrounding.heads.config import TrainConfig, lr_at
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
-from multigrounding.heads.inference import map_images, map_text, to_device
+from multigrounding.heads.distributed import (DEFAULT_TIMEOUT_S, Launch, StopRequests,
+                                              batch_part, batch_scores, gather_columns,
+                                              gather_text, is_collective_error, joined, unwrap,
+                                              world, wrap)
+from multigrounding.heads.inference import map_batch, to_device
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -67,20 +80,32 @@ def build_heads(config: TrainConfig, caches: PairedCaches) -> GroundingHeads:
 
 def train(config: TrainConfig, resume: bool = False,
           progress: Callable[[dict], None] | None = None,
-          validate: Validator | None = None) -> TrainSummary:
+          validate: Validator | None = None, *,
+          dist_timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainSummary:
     """Train (or resume) the run in ``config.out``; ``progress(metrics)`` after every step;
-    ``validate(heads)`` after every epoch when the config names validation stores."""
+    ``validate(heads)`` after every epoch when the config names validation stores.
+
+    In a process group (joined by the caller, or the launcher's environment, joined here with
+    collectives that give up after ``dist_timeout_s``) this process trains its share of every
+    global batch of ``config.batch_size`` pairs."""
     config.check()
     if config.val_manifest and validate is None:
         raise TrainingError("the config names validation stores but no validator was given")
-    folder = RunFolder(config.out)
-    config = absolute(config)
-    with folder.writing():
-        return _train(config, folder, resume, progress, validate)
+    launch = Launch.from_env()
+    batch_part(config.batch_size, 0, launch.world_size)       # refused before anyone starts
+    with joined(launch, resolve_device(config.device), timeout_s=dist_timeout_s) as device:
+        rank, size = world()
+        folder = RunFolder(config.out)
+        config = absolute(config)
+        with folder.writing() if rank == 0 else contextlib.nullcontext():
+            return _train(config, folder, resume, progress, validate, device,
+                          batch_part(config.batch_size, rank, size))
 
 
-def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, validate) -> TrainSummary:
+def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, validate, device,
+           part: slice) -> TrainSummary:
     started = time.perf_counter()
+    main = world()[0] == 0
     caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9))
     if len(caches) < config.batch_size:
         raise TrainingError(f"{config.images}: {len(caches)} usable images, fewer than one batch "
@@ -90,7 +115,6 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
                             f"with `multigrounding datasets phrases MANIFEST -o LABELLED.jsonl`, then "
                             f"`multigrounding extract text LABELLED.jsonl` into a new text cache (and "
                             f"extract images from LABELLED.jsonl too)")
-    device = torch.device(resolve_device(config.device))
     random.seed(config.seed)
     np.random.seed(config.seed)
     heads = build_heads(config, caches).to(device)
@@ -102,14 +126,18 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
         heads.load_state_dict(saved.model)
         optimiser.load_state_dict(saved.optimiser)
         epoch, step_in_epoch, step, best = saved.epoch, saved.step_in_epoch, saved.step, saved.best
-        folder.drop_metrics_after(step)  # steps a killed run logged after its last checkpoint
+        if main:
+            folder.drop_metrics_after(step)  # steps a killed run logged after its last checkpoint
         restore_rng(saved.rng)
-    elif resume:
+    elif main and resume:
         folder.drop_metrics_after(0)     # it stopped before its first checkpoint: start over
-    else:
+    elif main:
         folder.start(config)
+    model = wrap(heads, device)          # DistributedDataParallel in a process group
 
     def save(path: Path, at_epoch: int, at_step_in_epoch: int) -> None:
+        if not main:
+            return
         with _writing(folder, path):
             Checkpoint(model=heads.state_dict(), optimiser=optimiser.state_dict(),
                        heads_config=dataclasses.asdict(heads.config), config=config.to_dict(),
@@ -120,16 +148,17 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
 
     history: list[dict] = []
     loss_value = float("nan")
+    stops = StopRequests(device).install()       # restored in the finally below
     try:
         while epoch < config.epochs:
             for group in optimiser.param_groups:
                 group["lr"] = lr_at(config, epoch)
             pairs = epoch_pairs(caches, config.batch_size, config.seed, epoch)
-            prefetcher = Prefetcher(caches, pairs[step_in_epoch:], depth=config.prefetch)
+            prefetcher = Prefetcher(caches, pairs[step_in_epoch:], depth=config.prefetch, part=part)
             try:
                 for batch, waited in prefetcher:
                     tick = time.perf_counter()
-                    terms = _step(heads, optimiser, batch, config, device, epoch)
+                    terms = _step(model, optimiser, batch, config, device, epoch)
                     loss_value = terms["loss"]
                     if not math.isfinite(loss_value):
                         raise TrainingError(
@@ -143,10 +172,13 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
                                "lr": optimiser.param_groups[0]["lr"],
                                "step_seconds": time.perf_counter() - tick, "data_wait_seconds": waited,
                                "pairs_per_second": config.batch_size / (time.perf_counter() - tick + waited)}
-                    with _writing(folder, folder.metrics):
-                        folder.append_metrics(metrics)
-                    if progress is not None:
-                        progress(metrics)
+                    if main:
+                        with _writing(folder, folder.metrics):
+                            folder.append_metrics(metrics)
+                        if progress is not None:
+                            progress(metrics)
+                    if stops.requested():
+                        raise KeyboardInterrupt
             finally:
                 prefetcher.close()
             epoch, step_in_epoch = epoch + 1, 0
@@ -155,22 +187,40 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
                 accuracy = validate(heads)
                 heads.train()
                 record["val_accuracy"] = accuracy
-                folder.append_metrics({"epoch": epoch, "step": step, "val_accuracy": accuracy})
+                if main:
+                    folder.append_metrics({"epoch": epoch, "step": step, "val_accuracy": accuracy})
                 if best is None or accuracy > best:
                     best = accuracy
                     save(folder.best, epoch, 0)
             history.append(record)
             save(folder.last, epoch, 0)
+            if stops.requested():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         save(folder.last, epoch, step_in_epoch)
-        log.warning("interrupted: saved %s at epoch %d step %d; --resume continues", folder.last,
-                    epoch + 1, step_in_epoch)
+        if main:
+            log.warning("interrupted: saved %s at epoch %d step %d; --resume continues",
+                        folder.last, epoch + 1, step_in_epoch)
         raise
+    except Exception as exc:
+        if not is_collective_error(exc):
+            raise
+        # a collective fails before the optimiser steps: the weights are those of `step` steps
+        save(folder.last, epoch, step_in_epoch)
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        kept = (f"saved {folder.last} at epoch {epoch + 1} step {step_in_epoch}" if main else
+                f"rank 0 keeps {folder.last}")
+        raise TrainingError(f"rank {world()[0]}: lost contact with the other training processes "
+                            f"({reason}): one of them stopped, was killed or hangs (its own "
+                            f"message says why); {kept}; `multigrounding train --resume "
+                            f"{folder.path}` continues") from None
     finally:
-        try:
-            folder.plot()
-        except OSError as exc:   # the curve is a convenience: never hide the real outcome
-            log.warning("could not draw %s: %s", folder.path / "loss.png", exc)
+        stops.restore()
+        if main:
+            try:
+                folder.plot()
+            except OSError as exc:   # the curve is a convenience: never hide the real outcome
+                log.warning("could not draw %s: %s", folder.path / "loss.png", exc)
     return TrainSummary(folder.path, epoch, step, loss_value, best, time.perf_counter() - started,
                         history)
 
@@ -192,14 +242,16 @@ def _writing(folder: RunFolder, path: Path):
 def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, epoch: int = 0) -> dict:
     heads.train()
     device = torch.device(device)
-    # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32
+    # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32.
+    # In a process group heads is DistributedDataParallel (so one forward call) holding this
+    # process's rows; gather_text and batch_scores make the scores the whole batch's
+    # (heads/distributed.py); without one they are the identity and cross_scores.
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        visual = map_images(heads, batch.visual, device)
-        words, sentence = map_text(heads, batch.tokens, batch.sentence, device)
-        mask = to_device(batch.mask, device)
-        r_w, r_s = cross_scores(words, mask, sentence, visual, gamma1=config.gamma1,
+        visual, words, sentence = map_batch(heads, batch, device)
+        words, mask, sentence = gather_text(words, to_device(batch.mask, device), sentence)
+        r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
                                 heatmap=config.heatmap)
-    terms = training_loss(r_w, r_s, heads.l2_penalty(), config, epoch)
+    terms = training_loss(r_w, r_s, unwrap(heads).l2_penalty(), config, epoch)
     if config.phrase_loss > 0:
         terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
         terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
@@ -222,6 +274,7 @@ def phrase_term(words, visual, labels, config: TrainConfig, device):
     label_words = words[caption[:, None], positions]                      # [Q, P, D]
     scores, _ = cross_scores(label_words, torch.from_numpy(labels.mask).to(device), None, visual,
                              gamma1=config.gamma1, heatmap=config.heatmap)
+    scores = gather_columns(scores)           # against every process's images: [Q, B]
     return phrase_matching_loss(scores, caption, torch.from_numpy(labels.negative).to(device),
                                 config.gamma2)
 
