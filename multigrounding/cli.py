@@ -536,6 +536,10 @@ def train_command(ctx, resume_dir, config_file, **options) -> None:
 @click.option("--mode", type=click.Choice(["sentence", "query"]), default="sentence", show_default=True,
               help="sentence: phrases inside their caption use its word heatmaps; query: every "
                    "phrase is grounded alone by its sentence heatmap (needs extract text --phrases-alone).")
+@click.option("--protocol", type=click.Choice(["paper", "wwbl"]), default="paper", show_default=True,
+              help="The headline pointing-game count (both are computed and saved): paper, every "
+                   "phrase once, a hit inside any of its boxes (Akbari et al.); wwbl, every entity "
+                   "once, the mean heatmap of its mentions against the union box (WWbL, NeurIPS 2022).")
 @click.option("--checkpoint", default="best", show_default=True,
               help="best (by validation; last when the run had none), last, or a checkpoint file.")
 @click.option("--pictures", default=24, show_default=True, type=click.IntRange(min=0),
@@ -552,9 +556,10 @@ def evaluate_command(run, manifest, images, text, out, **options) -> None:
     """Evaluate the trained RUN on a test set: pointing game, baselines, levels, retrieval.
 
     Writes OUT/metrics.json, OUT/report.md (the same figures as tables) and OUT/pictures/ (the
-    heatmap, ground-truth boxes and pointed pixel for a sample of phrases). Every test phrase is
-    scored once; notvisual phrases, phrases without a box and phrases whose boxes cover < 5% of
-    the image are skipped and counted.
+    heatmap, ground-truth boxes and pointed pixel for a sample of phrases). Under the paper's
+    protocol every test phrase is scored once; notvisual phrases, phrases without a box and
+    phrases whose boxes cover < 5% of the image are skipped and counted. Under --protocol wwbl
+    every entity (a Flickr30k coreference chain; a standalone query alone) is scored once.
 
     \b
     Example:
@@ -581,10 +586,14 @@ def evaluate_command(run, manifest, images, text, out, **options) -> None:
 
 def _echo_evaluation(metrics: dict, out: Path) -> None:
     p = metrics["pointing"]
-    click.echo(f"pointing accuracy {100 * p['accuracy']:.1f}% ({p['hits']} hits, {p['misses']} misses, "
-               f"{p['skipped']} skipped); center baseline {100 * p['center_baseline']:.1f}%, random "
-               f"{100 * p['random_baseline']:.1f}%; attention correctness "
-               f"{100 * p['attention_correctness']:.1f}%")
+    chosen = metrics["protocol"]
+    for name in [chosen] + [n for n in metrics["protocols"] if n != chosen]:
+        c = metrics["protocols"][name]
+        click.echo(f"{'pointing accuracy' if name == chosen else '  also'} {100 * c['accuracy']:.1f}% "
+                   f"under protocol {name} ({c['hits']} hits, {c['misses']} misses, {c['skipped']} "
+                   f"skipped {c['unit']}s); center baseline {100 * c['center_baseline']:.1f}%, random "
+                   f"{100 * c['random_baseline']:.1f}%")
+    click.echo(f"attention correctness {100 * p['attention_correctness']:.1f}% (per phrase)")
     if "retrieval" in metrics:
         r = metrics["retrieval"]
         click.echo(f"retrieval R@1/5/10: caption->image {r['text_to_image']['r1']:.1f}/"
