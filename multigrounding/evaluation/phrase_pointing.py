@@ -169,9 +169,12 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
         tick = time.perf_counter()
         rows = np.array(sequences[first:first + batch_size])
         tokens, mask, sentence = words.read(rows)
-        levels = visual.read(captions.image[rows])
+        # an image's sequences are consecutive (Visual Genome: dozens of queries an image):
+        # each image of the batch is read and mapped once
+        images, which = np.unique(captions.image[rows], return_inverse=True)
+        levels = visual.read(images)
         tock = time.perf_counter()
-        v = map_images(heads, levels, device)
+        v = map_images(heads, levels, device)[torch.from_numpy(which.reshape(-1)).to(device)]
         s, sbar = map_text(heads, tokens, sentence, device)
         wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap)
         sg = sentence_grounding(sbar, v, heatmap=heatmap)
