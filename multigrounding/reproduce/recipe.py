@@ -112,6 +112,11 @@ class Recipe:
     tests: tuple[TestSet, ...]
     toml: str = ""                     # the file's text, as read
 
+    @property
+    def command_name(self) -> str:
+        """How ``multigrounding reproduce`` names it: the packaged name, or the file."""
+        return self.name if self.path.endswith("(packaged)") else self.path
+
     def image_job(self, manifest: Path, cache: Path, data_root: Path, **overrides) -> ImageExtraction:
         fields = {**self.images, **overrides}
         weights = fields.get("weights")

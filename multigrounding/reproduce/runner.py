@@ -41,7 +41,7 @@ from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.phrase_pointing import pointing_validator
 from multigrounding.evaluation.report import METRICS_FILE, evaluate_run
 from multigrounding.heads.checkpoint import Checkpoint, CheckpointError, checkpoint_path
-from multigrounding.heads.run_folder import RunFolder
+from multigrounding.heads.run_folder import CONFIG_FILE, RunFolder
 from multigrounding.heads.trainer import train
 from multigrounding.pipeline.image_task import extract_images
 from multigrounding.pipeline.text_task import extract_text
@@ -104,7 +104,7 @@ def reproduce(recipe: Recipe, data_root: str | os.PathLike, work: str | os.PathL
     if missing:
         raise ReproduceError(f"{data_root / missing[0].path}: not found ({missing[0].what}; get "
                              f"it as {missing[0].get}); {len(missing)} files missing in all: "
-                             f"`multigrounding reproduce {recipe.name} --data {data_root} --check` "
+                             f"`multigrounding reproduce {recipe.command_name} --data {data_root} --check` "
                              f"lists them")
     summary = Reproduction(work, until)
     ctx = _Context(recipe, data_root, work, device, stage or (lambda message: None),
@@ -320,7 +320,9 @@ def _train(ctx: _Context, seed: int, manifests: dict, caches: dict) -> Path:
     config = recipe.train_config(images=str(train_stores["images"]), text=str(train_stores["text"]),
                                  out=str(out), seed=seed, **validation, **_device(ctx))
     folder = RunFolder(out)
-    resume = folder.continues(config)   # refuses a folder holding a run of another config
+    # refuses a folder holding a run of another config; where it runs (device, read-ahead) may
+    # change between an interrupted run and its continuation
+    resume = folder.continues(_as_saved(folder, config))
     if resume and _epochs_done(folder) >= config.epochs:
         ctx.stage(f"[train] seed {seed}: done ({config.epochs} epochs in {out})")
         ctx.summary.skipped.append(f"train seed {seed}")
@@ -339,6 +341,17 @@ def _train(ctx: _Context, seed: int, manifests: dict, caches: dict) -> Path:
               f"{result.seconds:.1f} s{best}")
     ctx.summary.ran.append(f"train seed {seed}")
     return out
+
+
+RUNTIME_FIELDS = ("device", "prefetch", "read_cache_gb", "log_every")
+
+
+def _as_saved(folder: RunFolder, config):
+    """``config`` with the runtime fields of the run already in ``folder`` (if any)."""
+    if not (folder.path / CONFIG_FILE).is_file():
+        return config
+    saved = folder.config()
+    return dataclasses.replace(config, **{name: getattr(saved, name) for name in RUNTIME_FIELDS})
 
 
 def _epochs_done(folder: RunFolder) -> int:
