@@ -828,6 +828,9 @@ def reproduce_run(name, data_root, work, device, until, seeds, check) -> None:
     try:
         summary = reproduce(recipe, data_root, work, device=device, until=until, seeds=seeds,
                             stage=stage, progress=update)
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: {work} keeps what is done (finished shards, the "
+                                   f"last checkpoint); the same command continues") from None
     finally:
         for bar in bars.values():
             bar.close()
