@@ -9,6 +9,7 @@ from PIL import Image
 
 from multigrounding.cli import main
 from multigrounding.datasets.manifest import read_manifest, write_manifest
+from multigrounding.datasets.records import Phrase
 from multigrounding.datasets.synth import generate_synth
 from multigrounding.evaluation.heatmap_metrics import box_mask, skip_reason
 from multigrounding.heads.config import TrainConfig
@@ -219,3 +220,76 @@ def test_a_run_on_one_fixed_level_reports_that_level(setup, tmp_path):
     assert metrics["pointing"]["level_selection"]["phrases"] == {"head": 1.0}
     assert "retrieval" not in metrics
     assert {p["level"] for p in metrics["pictures"]} == {"head"}
+
+
+def entity_manifest(setup, folder: Path) -> Path:
+    """Two test images with hand-made phrases whose counts differ between the protocols
+    (images 96 x 96; "whole" covers the image, so any non-zero heatmap hits it):
+
+    - chain 1, two mentions, the whole image: paper 2 phrases, wwbl 1 entity, all hits;
+    - chain 2, a first box of 1 % and a second box: paper scores it, wwbl skips it (small);
+    - chain 3, the scene: both skip it;
+    - chain 4, two boxes with a gap at x 41-54: paper hits unless the point is in the gap, wwbl
+      scores the union box, the whole image: a hit;
+    - a standalone query, two boxes with a gap at y 41-54: likewise.
+    """
+    records = list(read_manifest(setup["test"]["manifest"]))
+    chosen = [r for r in records if len(r.captions[0].split()) >= 6][:2]
+    whole = [[0.0, 0.0, 95.0, 95.0]]
+    first, second = chosen
+    words = first.captions[0].split()
+
+    def at(start, end, boxes, chain, **extra):
+        return Phrase(" ".join(words[start:end]), boxes, caption=0, start=start, chain=chain, **extra)
+
+    first.phrases = [at(0, 2, whole, "1", category="people"), at(2, 3, whole, "1", category="people"),
+                     at(3, 4, [[0, 0, 9, 9], [10, 0, 95, 95]], "2"),
+                     at(4, 5, [], "3", type="scene", category="scene"),
+                     at(5, 6, [[0, 0, 40, 95], [55, 0, 95, 95]], "4")]
+    second.phrases = [Phrase("the thing in the picture", [[0, 0, 95, 40], [0, 55, 95, 95]])]
+    manifest = folder / "data" / "entities.jsonl"
+    manifest.parent.mkdir(parents=True)
+    write_manifest(chosen, manifest)
+    return manifest, (first.id, words[5]), (second.id, second.phrases[0].text)
+
+
+def test_evaluate_counts_the_same_groundings_under_both_protocols(setup, tmp_path):
+    manifest, gap_x_phrase, gap_y_phrase = entity_manifest(setup, tmp_path)
+    extract_images(ImageExtraction(manifest, tmp_path / "images", weights="random", seed=0,
+                                   scheduler="synchronous", shard_size=32))
+    extract_text(TextExtraction(manifest, tmp_path / "text", scheduler="synchronous"))
+    outputs = {}
+    for protocol in ("paper", "wwbl"):
+        out = tmp_path / protocol
+        result = CliRunner().invoke(main, ["evaluate", str(setup["run"]), "--manifest", str(manifest),
+                                           "--images", str(tmp_path / "images"), "--text",
+                                           str(tmp_path / "text"), "--out", str(out), "--protocol",
+                                           protocol, "--pictures", "100", "--no-retrieval"])
+        assert result.exit_code == 0, result.output
+        headline = result.output.splitlines()[0]
+        assert headline.startswith("pointing accuracy") and f"under protocol {protocol}" in headline
+        outputs[protocol] = (json.loads((out / "metrics.json").read_text()),
+                             (out / "report.md").read_text())
+    paper_metrics, paper_report = outputs["paper"]
+    wwbl_metrics, wwbl_report = outputs["wwbl"]
+    assert (paper_metrics["protocol"], wwbl_metrics["protocol"]) == ("paper", "wwbl")
+    # the same groundings: both runs hold the same counts, only the headline differs
+    assert paper_metrics["protocols"] == wwbl_metrics["protocols"]
+    paper, wwbl = paper_metrics["protocols"]["paper"], paper_metrics["protocols"]["wwbl"]
+
+    # every scored phrase is drawn (--pictures 100): its point decides the paper's hit by hand
+    points = {(p["image"], p["phrase"]): tuple(p["point"]) for p in paper_metrics["pictures"]}
+    assert len(points) == 5
+    x, y = points[gap_x_phrase][0], points[gap_y_phrase][1]
+    expected_paper_hits = 3 + (not 41 <= x <= 54) + (not 41 <= y <= 54)
+    assert (paper["unit"], paper["scored"], paper["hits"], paper["phrases"]) == (
+        "phrase", 5, expected_paper_hits, 5)
+    assert paper["skipped_by_reason"] == {"scene": 1}
+    assert (wwbl["unit"], wwbl["scored"], wwbl["hits"], wwbl["phrases"]) == ("entity", 3, 3, 4)
+    assert wwbl["skipped_by_reason"] == {"scene": 1, "small": 1}
+    # the per-phrase details agree with the paper's count
+    assert (paper_metrics["pointing"]["hits"], paper_metrics["pointing"]["misses"]) == (
+        paper["hits"], paper["misses"])
+    assert "**Protocol `paper` (per phrase, any box, the paper's)" in paper_report
+    assert "Also counted under protocol `wwbl` (per entity, union box, WWbL NeurIPS 2022)" in paper_report
+    assert "**Protocol `wwbl` (per entity, union box, WWbL NeurIPS 2022): 100.0 %**" in wwbl_report

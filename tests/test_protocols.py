@@ -178,3 +178,19 @@ def test_units_of_the_flickr30k_reader_output(dataset):
     assert [phrases[k].phrase.text for k in entities["18"].members] == ["A child", "A little girl"]
     assert entities["23"].skipped == "small" and entities["22"].members != entities["23"].members
     assert paper.hits == wwbl.hits == 0  # no heatmaps: every scored unit is a miss
+
+
+def test_a_lone_phrase_is_scored_by_its_given_point_and_a_callers_skip_wins():
+    """``evaluate`` keeps heatmaps only for entities with several mentions: a lone phrase comes
+    with the pixel its own map points at. A reason only the caller knows (the image failed)
+    skips the phrase under both protocols."""
+    lone = [mention(1, "left guy", LEFT, None, caption=None)]
+    assert count(lone, "paper").misses == 1                       # no map, no point: a miss
+    pointed = [PhraseHeatmap(1, lone[0].phrase, SIZE, SIZE, None, xy=(10, 10))]
+    assert count(pointed, "paper").hits == count(pointed, "wwbl").hits == 1
+    outside = [PhraseHeatmap(1, lone[0].phrase, SIZE, SIZE, hot(1, 0), xy=(87, 37))]
+    assert count(outside, "paper").misses == 1                    # the given point is used
+    failed = [PhraseHeatmap(0, p.phrase, SIZE, SIZE, p.heatmap, skip="image failed")
+              for p in scene()]
+    assert dict(count(failed, "paper").skipped) == {"image failed": 11}
+    assert dict(count(failed, "wwbl").skipped) == {"image failed": 8}

@@ -7,10 +7,17 @@ Visual Genome) take the sentence heatmap of their own sequence at its best level
 heatmap (the text store must hold phrases encoded alone: ``extract text --phrases-alone``).
 Each sequence is grounded once for all its phrases, and every caption's sentence-level choice is
 counted for the level-selection rates.
+
+The outcomes (hits, attention correctness, levels, categories) are the paper's, per phrase. The
+result also keeps every test phrase with its pointed pixel, and the heatmaps of the entities
+that have several mentions, so that ``protocols.count`` can count the same grounding under
+either protocol (``PointingResult.protocol``); a phrase the paper skips as small but whose
+entity WWbL scores is grounded for that alone.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,7 @@ from multigrounding.datasets.manifest import read_manifest
 from multigrounding.errors import DatasetError, UnknownNameError
 from multigrounding.evaluation.heatmap_metrics import (center_hit, is_hit, point_and_correctness,
                                                        random_hit_rate, skip_reason)
+from multigrounding.evaluation.protocols import PhraseHeatmap, ProtocolCounts, count, units
 from multigrounding.heads.distributed import all_sum, world
 from multigrounding.heads.inference import (grid_of, map_images, map_text, phrase_heatmap,
                                             sentence_heatmap)
@@ -56,6 +64,11 @@ class PointingResult:
     level_names: list[str] = field(default_factory=list)
     read_seconds: float = 0.0
     compute_seconds: float = 0.0
+    phrases: list[PhraseHeatmap] = field(default_factory=list)  # every test phrase, as grounded
+
+    def protocol(self, name: str) -> ProtocolCounts:
+        """The pointing game on these groundings counted under protocol ``name``."""
+        return count(self.phrases, name)
 
     @property
     def hits(self) -> int:
@@ -114,9 +127,9 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
     """
     if mode not in MODES:
         raise UnknownNameError("mode", mode, MODES)
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index} of {count}")
+    index, shards = shard
+    if not 0 <= index < shards:
+        raise ValueError(f"shard {index} of {shards}")
     visual, words = VisualBatchReader(images), TextBatchReader(text)
     check_same_manifest(manifest, visual.store, words.store)
     records = list(read_manifest(manifest))
@@ -129,15 +142,25 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
     names = visual.store.config.level_names
     result = PointingResult(level_names=[names[k] for k in heads.config.used_levels])
     by_sequence: dict[int, list[int]] = collections.defaultdict(list)
+    items = []
     for k in range(len(spans["record"])):
         row = int(spans["record"][k])
-        phrase = records[row].phrases[spans["index"][k]]
         width, height = (int(v) for v in sizes[row])
-        reason = skip_reason(phrase, width, height) if status[row] == OK else "image failed"
+        items.append(PhraseHeatmap(row, records[row].phrases[spans["index"][k]], width, height, None,
+                                   skip=None if status[row] == OK else "image failed"))
+    needed, shared = _entity_phrases(items)
+    scored = set()
+    for k, item in enumerate(items):
+        phrase = item.phrase
+        reason = item.skip or skip_reason(phrase, item.width, item.height)
         if reason:
             if index == 0:
                 result.skipped[reason] += 1
-        elif mode == "query" and phrase.caption is not None:
+            if k not in needed:
+                continue
+        else:
+            scored.add(k)
+        if mode == "query" and phrase.caption is not None:
             if alone is None or alone[k] < 0:
                 raise CacheMismatchError(
                     f"{text}: phrase {k} ({' '.join(phrase.words)!r}) was encoded only inside its "
@@ -146,16 +169,20 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
             by_sequence[int(alone[k])].append(k)
         else:
             by_sequence[int(spans["caption"][k])].append(k)
+    grounded: dict[int, tuple] = {}
     caption_rows = set(captions.usable(status == OK).tolist())
     sequences = sorted(caption_rows | set(by_sequence))
     heads.eval()
-    for first in range(index * batch_size, len(sequences), count * batch_size):
+    for first in range(index * batch_size, len(sequences), shards * batch_size):
         tick = time.perf_counter()
         rows = np.array(sequences[first:first + batch_size])
         tokens, mask, sentence = words.read(rows)
-        levels = visual.read(captions.image[rows])
+        # an image's sequences are consecutive (Visual Genome: dozens of queries an image):
+        # each image of the batch is read and mapped once
+        images, which = np.unique(captions.image[rows], return_inverse=True)
+        levels = visual.read(images)
         tock = time.perf_counter()
-        v = map_images(heads, levels, device)
+        v = map_images(heads, levels, device)[torch.from_numpy(which.reshape(-1)).to(device)]
         s, sbar = map_text(heads, tokens, sentence, device)
         wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap)
         sg = sentence_grounding(sbar, v, heatmap=heatmap)
@@ -173,17 +200,33 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
                 else:
                     heat, level = sentence_heatmap(sg, b, grid)
                 xy, correctness = point_and_correctness(heat, phrase.boxes, width, height)
+                keep = heat is not None and (k in shared or keep_heatmaps)
+                kept = heat.numpy().astype(np.float16) if keep else None
+                grounded[k] = (kept if k in shared else None, xy)
+                if k not in scored:
+                    continue
                 result.outcomes.append(PhraseOutcome(
                     record, int(spans["index"][k]), phrase.category or "(none)",
                     is_hit(xy, phrase.boxes), correctness,
                     level, xy, center_hit(phrase.boxes, width, height),
                     random_hit_rate(phrase.boxes, width, height),
-                    heat.numpy().astype(np.float16) if keep_heatmaps and heat is not None else None))
+                    kept if keep_heatmaps else None))
         result.read_seconds += tock - tick
         result.compute_seconds += time.perf_counter() - tock
         if progress is not None:
             progress(first + len(rows), len(sequences))
+    result.phrases = [dataclasses.replace(item, heatmap=grounded[k][0], xy=grounded[k][1])
+                      if k in grounded else item for k, item in enumerate(items)]
     return result
+
+
+def _entity_phrases(items: list[PhraseHeatmap]) -> tuple[set[int], set[int]]:
+    """The phrases of the entities WWbL's protocol scores (grounded even where the paper skips
+    them), and among them those of entities with several mentions, whose heatmaps are kept for
+    the entity's mean (a lone phrase is scored by its own point)."""
+    scored = [unit.members for unit in units(items, "wwbl") if not unit.skipped]
+    return ({k for members in scored for k in members},
+            {k for members in scored if len(members) > 1 for k in members})
 
 
 def _check_sizes(manifest, records, sizes, status) -> None:

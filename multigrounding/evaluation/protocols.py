@@ -42,18 +42,28 @@ from multigrounding.evaluation.heatmap_metrics import (MIN_UNION_FRACTION, cente
                                                 random_hit_rate, skip_reason)
 
 PROTOCOLS = ("paper", "wwbl")
+# how reports name each protocol
+PROTOCOL_TITLES = {"paper": "per phrase, any box, the paper's",
+                   "wwbl": "per entity, union box, WWbL NeurIPS 2022"}
 
 
 @dataclass(frozen=True)
 class PhraseHeatmap:
     """One test phrase as grounded: its image (``record``, the manifest row, and size), the
-    phrase itself (boxes, type, caption, chain) and its heatmap [M, M] (None: zero everywhere)."""
+    phrase itself (boxes, type, caption, chain) and its heatmap [M, M] (None: zero everywhere).
+
+    ``xy``, when given, is the pixel the phrase's own heatmap points at: a unit of this phrase
+    alone is scored with it, so a caller need keep the heatmaps only of entities with several
+    mentions. ``skip``, when given, is a reason to skip the phrase that only the caller knows
+    (its image could not be read); it overrides the protocol's own."""
 
     record: int
     phrase: Phrase
     width: int
     height: int
     heatmap: np.ndarray | torch.Tensor | None
+    xy: tuple[int, int] | None = None
+    skip: str | None = None
 
 
 @dataclass
@@ -107,7 +117,7 @@ def units(phrases: Sequence[PhraseHeatmap], protocol: str) -> list[Unit]:
     """The units ``protocol`` scores, in the order of their first phrase, with skip reasons."""
     if protocol == "paper":
         return [Unit(k, [k], p.phrase.boxes, p.phrase.category or "(none)",
-                     skip_reason(p.phrase, p.width, p.height))
+                     p.skip or skip_reason(p.phrase, p.width, p.height))
                 for k, p in enumerate(phrases)]
     if protocol == "wwbl":
         groups: dict[Hashable, list[int]] = {}
@@ -144,6 +154,8 @@ def _entity(key: Hashable, members: list[int], phrases: Sequence[PhraseHeatmap])
 def _entity_skip(first: PhraseHeatmap, boxes: list[list[float]]) -> str | None:
     """WWbL's rule: no box (not visual, the whole scene, no box drawn), or a first box of at
     most 5 % of the image."""
+    if first.skip:
+        return first.skip
     if not boxes:
         reason = skip_reason(first.phrase, first.width, first.height)
         return reason or "no box"
@@ -162,7 +174,7 @@ def count(phrases: Sequence[PhraseHeatmap], protocol: str) -> ProtocolCounts:
             continue
         first = phrases[unit.members[0]]
         width, height = first.width, first.height
-        hit = is_hit(point(_mean_heatmap(phrases, unit.members), width, height), unit.boxes)
+        hit = is_hit(_unit_point(phrases, unit.members, width, height), unit.boxes)
         result.hits += hit
         result.misses += not hit
         result.phrases += len(unit.members)
@@ -172,6 +184,15 @@ def count(phrases: Sequence[PhraseHeatmap], protocol: str) -> ProtocolCounts:
         scored_hits[0] += 1
         scored_hits[1] += hit
     return result
+
+
+def _unit_point(phrases: Sequence[PhraseHeatmap], members: list[int], width: int,
+                height: int) -> tuple[int, int] | None:
+    """Where a unit points: a lone phrase's own point when the caller gave it, else the argmax
+    of the members' mean heatmap."""
+    if len(members) == 1 and phrases[members[0]].xy is not None:
+        return phrases[members[0]].xy
+    return point(_mean_heatmap(phrases, members), width, height)
 
 
 def _mean_heatmap(phrases: Sequence[PhraseHeatmap], members: list[int]) -> torch.Tensor | None:

@@ -4,6 +4,12 @@ One pass of the pointing game (every scorable phrase once, with the center and r
 baselines on the same phrases, attention correctness and level-selection rates), one blockwise
 caption × image score matrix for retrieval R@K in both directions, then the files. Each file is
 written atomically, so an interrupted evaluation never leaves a half report.
+
+The pointing game is counted under both protocols of ``protocols.py`` every time (the same
+heatmaps; counting is cheap): ``metrics.json`` holds both under ``protocols``, and
+``Evaluation.protocol`` (``paper`` by default) chooses the headline — the first figure of
+report.md and of the command's output. The per-category table, attention correctness and the
+level rates are per phrase, as the paper reports them.
 """
 from __future__ import annotations
 
@@ -23,31 +29,53 @@ from multigrounding.cache.store import CacheMismatchError
 from multigrounding.cache.text_store import TextStoreConfig
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.devices import resolve_device
-from multigrounding.evaluation.phrase_pointing import PointingResult, evaluate_pointing
+from multigrounding.errors import UnknownNameError
+from multigrounding.evaluation.phrase_pointing import MODES, PointingResult, evaluate_pointing
 from multigrounding.evaluation.pictures import overlay, save_png
+from multigrounding.evaluation.protocols import PROTOCOL_TITLES, PROTOCOLS
 from multigrounding.evaluation.retrieval import fold_metrics, retrieval_metrics, score_matrix
 from multigrounding.heads.checkpoint import Checkpoint, load_heads
+from multigrounding.settings import from_mapping, setting
 
 METRICS_FILE, REPORT_FILE, PICTURES_DIR = "metrics.json", "report.md", "pictures"
 
 
 @dataclass
 class Evaluation:
-    """Everything ``evaluate`` takes (one flat config)."""
+    """Everything ``evaluate`` takes (one flat config; ``from_dict`` type-checks a JSON-like one,
+    as a recipe's evaluation settings)."""
 
-    run: Path
-    manifest: Path
-    images: Path
-    text: Path
-    out: Path
-    mode: str = "sentence"
-    checkpoint: str = "best"
-    pictures: int = 24
-    seed: int = 0
-    retrieval: bool = True
-    fold_size: int = 1000        # the COCO 1K protocol when there are more test images than this
-    batch_size: int = 32
-    device: str = "auto"
+    run: Path = setting(None, "The trained run directory.", kind="path", path="dir",
+                        required=True, cli=False)
+    manifest: Path = setting(None, "The test manifest the stores were extracted from.",
+                             kind="path", path="file", required=True, cli=False)
+    images: Path = setting(None, "The test image feature store.", kind="path", path="dir",
+                           required=True, cli=False)
+    text: Path = setting(None, "The test text feature store.", kind="path", path="dir",
+                         required=True, cli=False)
+    out: Path = setting(None, "Report folder: metrics.json, report.md, pictures/.", kind="path",
+                        path="dir", required=True, cli=False)
+    mode: str = setting("sentence", "sentence: phrases inside their caption use its word "
+                        "heatmaps; query: every phrase is grounded alone by its sentence heatmap.",
+                        kind="str", choices=MODES)
+    protocol: str = setting("paper", "Which pointing-game count is the headline (both are "
+                            "computed): paper (per phrase, any box) or wwbl (per entity, union "
+                            "box).", kind="str", choices=PROTOCOLS)
+    checkpoint: str = setting("best", "best (by validation; last when the run had none), last, "
+                              "or a checkpoint file.", kind="str")
+    pictures: int = setting(24, "How many phrases to draw (half hits, half misses).", kind="int",
+                            minimum=0)
+    seed: int = setting(0, "Which phrases are drawn.", kind="int")
+    retrieval: bool = setting(True, "Also score every test caption against every test image.",
+                              kind="bool")
+    fold_size: int = setting(1000, "The COCO 1K protocol when there are more test images than "
+                                   "this.", kind="int", minimum=1)
+    batch_size: int = setting(32, "Sequences grounded per batch.", kind="int", minimum=1)
+    device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1 ...", kind="str")
+
+    @classmethod
+    def from_dict(cls, data, source: str = "evaluation") -> "Evaluation":
+        return from_mapping(cls, data, source)
 
 
 def check_same_models(saved: Checkpoint, image_store, text_store) -> None:
@@ -90,9 +118,13 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
                                  device=device, batch_size=job.batch_size,
                                  heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
                                  progress=pointing_progress)
+    if job.protocol not in PROTOCOLS:
+        raise UnknownNameError("protocol", job.protocol, PROTOCOLS)
     metrics = {"run": str(job.run), "checkpoint": saved.path, "epoch": saved.epoch,
                "step": saved.step, "manifest": str(job.manifest), "images": str(job.images),
-               "text": str(job.text), "mode": job.mode, "pointing": pointing.summary()}
+               "text": str(job.text), "mode": job.mode, "protocol": job.protocol,
+               "protocols": {name: pointing.protocol(name).summary() for name in PROTOCOLS},
+               "pointing": pointing.summary()}
     if job.retrieval:
         retrieval_started = time.perf_counter()
         image_rows, caption_rows, caption_image = retrieval_rows(visual.store, words.store)
@@ -182,15 +214,18 @@ def render_report(metrics: dict) -> str:
     p = metrics["pointing"]
     lines = [f"# Evaluation of {metrics['run']}", "",
              f"Checkpoint `{metrics['checkpoint']}` (epoch {metrics['epoch']}, step {metrics['step']}); "
-             f"test manifest `{metrics['manifest']}`; mode `{metrics['mode']}`.", "",
-             "## Pointing game", "",
-             f"{p['hits'] + p['misses']} phrases scored ({p['hits']} hits, {p['misses']} misses), "
-             f"{p['skipped']} skipped" + (" (" + ", ".join(f"{k}: {v}" for k, v in
+             f"test manifest `{metrics['manifest']}`; mode `{metrics['mode']}`; headline protocol "
+             f"`{metrics.get('protocol', 'paper')}`.", "",
+             "## Pointing game", ""]
+    lines += protocol_lines(metrics)
+    lines += ["", "Per phrase (the paper's counting), with attention correctness: "
+              f"{p['hits'] + p['misses']} phrases scored ({p['hits']} hits, {p['misses']} misses), "
+              f"{p['skipped']} skipped" + (" (" + ", ".join(f"{k}: {v}" for k, v in
                                                         sorted(p["skipped_by_reason"].items())) + ")"
                                           if p["skipped"] else "") + ".", "",
-             "| category | phrases | accuracy | center baseline | random baseline | attention correctness |",
-             "|---|---|---|---|---|---|",
-             _row("**all**", p["hits"] + p["misses"], p)]
+              "| category | phrases | accuracy | center baseline | random baseline | attention correctness |",
+              "|---|---|---|---|---|---|",
+              _row("**all**", p["hits"] + p["misses"], p)]
     lines += [_row(name, group["phrases"], group) for name, group in p["per_category"].items()]
     levels = p["level_selection"]
     names = list(levels["phrases"])
@@ -225,6 +260,29 @@ def render_report(metrics: dict) -> str:
     lines += ["", f"{t['seconds']:.1f} s in all; pointing {t['phrases_per_second']:.0f} phrases/s "
               f"(reading {t['pointing_read_seconds']:.1f} s, computing {t['pointing_compute_seconds']:.1f} s).", ""]
     return "\n".join(lines)
+
+
+def protocol_lines(metrics: dict) -> list[str]:
+    """The headline protocol's count, then the other's, each named."""
+    chosen = metrics.get("protocol", "paper")
+    counted = metrics.get("protocols", {})
+    order = [chosen] + [name for name in counted if name != chosen]
+    lines = []
+    for name in order:
+        c = counted.get(name)
+        if c is None:
+            continue
+        skipped = (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(c["skipped_by_reason"].items()))
+                   + ")") if c["skipped"] else ""
+        lead = "**Protocol" if name == chosen else "Also counted under protocol"
+        close = "**" if name == chosen else ""
+        lines.append(f"{lead} `{name}` ({PROTOCOL_TITLES[name]}): {100 * c['accuracy']:.1f} %{close} "
+                     f"over {c['scored']} {c['unit']}s ({c['hits']} hits, {c['misses']} misses, "
+                     f"{c['phrases']} phrases), {c['skipped']} {c['unit']}s skipped{skipped}; "
+                     f"center baseline {100 * c['center_baseline']:.1f} %, random point "
+                     f"{100 * c['random_baseline']:.1f} %.")
+        lines.append("")
+    return lines[:-1]
 
 
 def _row(name: str, count: int, values: dict) -> str:
