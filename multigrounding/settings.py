@@ -26,7 +26,8 @@ def setting(default: Any, help: str, *, kind: str, minimum: float | None = None,
     """A config field with what the command line and the type check need.
 
     ``kind``: int, float, str, bool, ints (a list of integers, ``1,2,3`` on the command line) or
-    path. ``minimum`` is inclusive, ``above`` exclusive. ``path``: ``dir`` or ``file`` for paths.
+    path. ``minimum`` is inclusive, ``above`` exclusive. ``path``: ``dir`` or ``file`` for paths,
+    ``store`` for a store that may be a local folder or an object-store URL (kept as text).
     ``registry`` names a registry whose names are the choices (the command line lists them).
     ``required``: None is not a value for it (a config without it is incomplete).
     """

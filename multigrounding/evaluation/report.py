@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from multigrounding.atomic import atomic_open
 from multigrounding.cache.image_store import ImageStoreConfig
+from multigrounding.cache.location import Location
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheMismatchError
 from multigrounding.cache.text_store import TextStoreConfig
+from multigrounding.datasets.images import open_image
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.devices import resolve_device
 from multigrounding.evaluation.phrase_pointing import PointingResult, evaluate_pointing
@@ -48,6 +49,7 @@ class Evaluation:
     fold_size: int = 1000        # the COCO 1K protocol when there are more test images than this
     batch_size: int = 32
     device: str = "auto"
+    storage_options: dict | None = None   # for stores and images named by URL; never written
 
 
 def check_same_models(saved: Checkpoint, image_store, text_store) -> None:
@@ -77,7 +79,9 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
     device = resolve_device(job.device)
     heads, saved = load_heads(job.run, job.checkpoint, device)
     config = saved.config
-    visual, words = VisualBatchReader(job.images), TextBatchReader(job.text)
+    images = Location.parse(job.images, job.storage_options)
+    text = Location.parse(job.text, job.storage_options)
+    visual, words = VisualBatchReader(images), TextBatchReader(text)
     check_same_models(saved, visual.store, words.store)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,7 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
         if progress is not None:
             progress("pointing", done, total)
 
-    pointing = evaluate_pointing(heads, job.images, job.text, job.manifest, mode=job.mode,
+    pointing = evaluate_pointing(heads, images, text, job.manifest, mode=job.mode,
                                  device=device, batch_size=job.batch_size,
                                  heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
                                  progress=pointing_progress)
@@ -116,7 +120,8 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
     else:
         retrieval_seconds = 0.0
     records = list(read_manifest(job.manifest))
-    pictures = write_pictures(pointing, records, out / PICTURES_DIR, job.pictures, job.seed)
+    pictures = write_pictures(pointing, records, out / PICTURES_DIR, job.pictures, job.seed,
+                              job.storage_options)
     metrics["pictures"] = pictures
     metrics["timing"] = {"seconds": time.perf_counter() - started,
                          "pointing_read_seconds": pointing.read_seconds,
@@ -154,8 +159,10 @@ def sample_outcomes(pointing: PointingResult, count: int, seed: int) -> list[int
     return sorted(int(i) for i in chosen)
 
 
-def write_pictures(pointing: PointingResult, records, folder: Path, count: int, seed: int) -> list[dict]:
-    """Overlay pictures of a sample of phrases: heatmap, ground-truth boxes, the pointed pixel."""
+def write_pictures(pointing: PointingResult, records, folder: Path, count: int, seed: int,
+                   storage_options: dict | None = None) -> list[dict]:
+    """Overlay pictures of a sample of phrases: heatmap, ground-truth boxes, the pointed pixel.
+    Images named by URL are read with ``storage_options``."""
     listed = []
     for i in sample_outcomes(pointing, count, seed):
         outcome = pointing.outcomes[i]
@@ -163,9 +170,9 @@ def write_pictures(pointing: PointingResult, records, folder: Path, count: int, 
         phrase = record.phrases[outcome.index]
         verdict = "hit" if outcome.hit else "miss"
         name = f"{verdict}-{_safe(record.id)}-{outcome.index}.png"
-        with Image.open(record.image) as image:
-            picture = overlay(image, outcome.heatmap, phrase.boxes, outcome.xy,
-                              label=f"{phrase.text} ({verdict})")
+        image = open_image(record.image, storage_options)
+        picture = overlay(image, outcome.heatmap, phrase.boxes, outcome.xy,
+                          label=f"{phrase.text} ({verdict})")
         save_png(picture, folder / name)
         listed.append({"file": f"{PICTURES_DIR}/{name}", "image": record.id, "phrase": phrase.text,
                        "hit": outcome.hit, "point": outcome.xy,

