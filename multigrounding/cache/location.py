@@ -143,7 +143,8 @@ class Location:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return StoreUnreachableError(
             f"{self.url}: the store did not answer ({reason}); check the bucket, the endpoint and "
-            "the credentials (AWS_* environment variables, or --storage-options)")
+            "the credentials: AWS_* environment variables, or --storage-options (never saved: "
+            "give --storage-options again on every command, --resume too)")
 
     def joinpath(self, *parts: str) -> "Location":
         """A location below this one (``loc.joinpath("visual", "level0")``)."""

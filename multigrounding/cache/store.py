@@ -92,7 +92,7 @@ def read_header(where: str | Path | Location, kind: str | None = None) -> tuple[
     path = shown(location)
     if not _has_root(location):
         hint = "" if location.is_local else (" (or the storage options do not reach it: they are "
-                                              "never saved, give --storage-options again)")
+                                              "never saved: give --storage-options again)")
         raise CacheNotFoundError(f"{path}: no cache store here (no zarr.json){hint}; run "
                                  f"`multigrounding extract` to make one")
     try:

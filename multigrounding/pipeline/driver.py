@@ -33,7 +33,7 @@ from multigrounding.cache.store import (ShardedStore, remove_stale_partials, sho
 from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.pipeline.models import ModelKey, get_model
-from multigrounding.pipeline.scheduler import plan_workers, run_tasks
+from multigrounding.pipeline.scheduler import is_cluster_address, plan_workers, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,17 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
     started = time.perf_counter()
     layout = job.layout()
     ids = job.item_ids(layout)
-    device = resolve_device(job.device)
-    plan = plan_workers(job.scheduler, job.workers, device)
-    key = job.model_key(device, plan.torch_threads)
-    model = get_model(key)  # fails fast on a bad name or missing weights, before any work
+    if is_cluster_address(job.scheduler):
+        # The workers' machines are not this one: each resolves the device (auto: its GPU if it
+        # has one) and its torch threads itself; here the model is only built to check it.
+        plan = plan_workers(job.scheduler, job.workers, job.device)
+        key = job.model_key(job.device, plan.torch_threads)
+        model = get_model(job.model_key("cpu", plan.torch_threads))
+    else:
+        device = resolve_device(job.device)
+        plan = plan_workers(job.scheduler, job.workers, device)
+        key = job.model_key(device, plan.torch_threads)
+        model = get_model(key)  # fails fast on a bad name or missing weights, before any work
     job.preflight(model, layout)
     config = job.store_config(model, layout)
     location = cache_location(job)

@@ -28,6 +28,7 @@ from multigrounding.cache.location import (STORAGE_OPTIONS_HELP, Location, is_ur
                                            parse_storage_options)
 from multigrounding.datasets.images import ImageProblem, check_url_access, load_rgb
 from multigrounding.datasets.manifest import read_manifest
+from multigrounding.devices import resolve_device
 from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
                                              ExtractionSummary, ShardResult, run_sharded,
                                              shard_failure)
@@ -52,7 +53,8 @@ class BackboneKey:
     def build(self):
         from multigrounding.pipeline.backbones import create_backbone
 
-        return create_backbone(self.backbone, self.weights, seed=self.seed, device=self.device)
+        return create_backbone(self.backbone, self.weights, seed=self.seed,
+                               device=resolve_device(self.device))
 
 
 @dataclass
@@ -161,6 +163,7 @@ def _extract_shard(store_path: Location | str, shard: int, image_paths: list[str
     import torch
 
     model = get_model(key)
+    device = resolve_device(key.device)    # "auto" on a cluster: this worker's GPU, if any
     spec = model.spec
     size, grid = spec.input_size, spec.grid
     count = len(image_paths)
@@ -188,7 +191,7 @@ def _extract_shard(store_path: Location | str, shard: int, image_paths: list[str
                 continue
             started = time.perf_counter()
             with torch.inference_mode():
-                outputs = model(torch.from_numpy(pixels).to(key.device))
+                outputs = model(torch.from_numpy(pixels).to(device))
             for level, out in zip(features, outputs):
                 level[ok_rows] = out.to("cpu", torch.float16).numpy()
             result.compute_seconds += time.perf_counter() - started

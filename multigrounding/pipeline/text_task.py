@@ -22,6 +22,7 @@ from multigrounding.cache.fingerprint import file_sha256, package_versions
 from multigrounding.cache.text_store import TextFeatureStore, TextLayout, TextStoreConfig
 from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
+from multigrounding.devices import resolve_device
 from multigrounding.errors import DatasetError
 from multigrounding.cache.location import STORAGE_OPTIONS_HELP, Location
 from multigrounding.pipeline.driver import (DEVICE_HELP, OVERWRITE_HELP, SCHEDULER_HELP, WORKERS_HELP,
@@ -48,7 +49,8 @@ class EncoderKey:
         from multigrounding.pipeline.text_encoders import create_text_encoder
 
         return create_text_encoder(self.encoder, elmo_options=self.elmo_options,
-                                   elmo_weights=self.elmo_weights, device=self.device,
+                                   elmo_weights=self.elmo_weights,
+                                   device=resolve_device(self.device),
                                    max_words=self.max_words)
 
 
