@@ -32,9 +32,14 @@ def note_worker_threads(count: int) -> None:
 
 
 def torch_threads(requested: int) -> int:
-    """``requested``, or for 0 this machine's cores shared among the worker's task threads."""
+    """``requested``, or for 0: ``OMP_NUM_THREADS`` when set (dask's nanny sets it to 1 in every
+    worker process it starts; several worker processes on one CPU host should share its cores
+    this way), else this machine's cores shared among the worker's task threads."""
     if requested > 0:
         return requested
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // _WORKER_THREADS[0])
 
