@@ -483,7 +483,7 @@ def _echo_extraction(summary, show: int) -> None:
                f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
                f"{len(summary.failed_items)} {summary.unit} failed, {len(summary.failed_shards)} "
                f"shards failed; {summary.seconds:.1f} s ({rate:.1f} {summary.unit}/s), "
-               f"{summary.bytes / 1e6:.1f} MB on disk")
+               f"{summary.bytes / 1e6:.1f} MB {'on disk' if isinstance(summary.cache, Path) else 'stored'}")
     click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
                f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
     if summary.disk_full:
@@ -811,7 +811,7 @@ def cache_info(store, show, storage_options) -> None:
 
     info = describe(_store(store, storage_options))
     click.echo(f"{info.path}: {info.kind} store, fingerprint {info.fingerprint}, created {info.created}, "
-               f"{_size(info.bytes)} on disk")
+               f"{_size(info.bytes)} {'on disk' if isinstance(info.path, Path) else 'stored'}")
     click.echo("progress: " + ", ".join(f"{k} {v}" for k, v in info.progress.items()))
     click.echo("config:")
     for line in json.dumps(info.config, indent=2, sort_keys=True).splitlines():

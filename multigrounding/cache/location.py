@@ -141,6 +141,12 @@ class Location:
     def unreachable(self, exc: BaseException) -> StoreUnreachableError:
         """A one-line error for a request the store refused or never answered."""
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
+            bucket = self.url.partition("://")[2].partition("/")[0]
+            return StoreUnreachableError(
+                f"{self.url}: the bucket {bucket!r} does not exist at this endpoint (or these "
+                "credentials cannot see it): create it first, or check the endpoint and the "
+                "credentials (AWS_* environment variables, or --storage-options)")
         return StoreUnreachableError(
             f"{self.url}: the store did not answer ({reason}); check the bucket, the endpoint and "
             "the credentials: AWS_* environment variables, or --storage-options (never saved: "
@@ -383,6 +389,10 @@ def _tensorstore_credentials(settings: _S3Settings) -> dict:
     if settings.anon:
         return {"type": "anonymous"}
     if settings.key is None:
+        # Keys in this process's environment: read them directly (the default chain would try
+        # ~/.aws first and log an error line per read where those files are missing).
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            return {"type": "environment"}
         return {"type": "default"}
     ident = (settings.key, settings.secret, settings.token)
     with _CREDENTIAL_LOCK:
