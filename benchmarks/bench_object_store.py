@@ -13,15 +13,21 @@ by batch with the order rotated:
 * local        — ``VisualBatchReader(cache)``: tensorstore ``zarr3`` over the ``file`` kvstore,
                  no chunk cache (what every epoch costs without one);
 * local, warm  — the same with a ``--cache-gb`` chunk cache (cache_pool) after one pass;
-* s3           — tensorstore ``zarr3`` over its ``s3`` kvstore (``Location.kvstore_spec``),
-                 no chunk cache;
-* s3, warm     — the same with the chunk cache after one pass;
-* s3, warm, no recheck — and ``recheck_cached_data: "open"``: cached chunks are trusted, not
-                 revalidated with the server on every read (a finished store does not change);
+* s3           — ``VisualBatchReader`` on the ``s3://`` location: tensorstore ``zarr3`` over its
+                 ``s3`` kvstore (``Location.kvstore_spec``), no chunk cache;
+* s3, warm     — tensorstore with the chunk cache after one pass, cached chunks revalidated with
+                 the server on every read (tensorstore's default);
+* s3, warm, no recheck — ``VisualBatchReader(s3, cache_bytes)``, as training reads: cached chunks
+                 trusted (``recheck_cached_data: "open"``; a finished store does not change);
 * s3, zarr     — zarr-python over ``Location.zarr_store()`` (zarr's ObjectStore, obstore),
                  one ``getitem`` per image and level, all issued at once: the route for schemes
                  that tensorstore has no kvstore for;
 * s3, zarr+s3fs — the same over zarr's FsspecStore (s3fs), for the choice of zarr store.
+
+Then real training (``multigrounding.heads.trainer.train``, the text store beside the image
+store, both local or both on S3) with ``--read-cache-gb 0`` and the default: per epoch its
+seconds, the time it waited for data, and the bytes the server sent (text included; the first
+epoch also opens the stores).
 
 Judged ratios (per batch, median [min..max]): s3 / local cold, s3 warm / local warm,
 s3-zarr / s3; beside them the reader process's own CPU time per batch (``time.process_time``,
@@ -74,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--write-repeats", type=int, default=3,
                    help="alternated shard-write rounds per zarr store (obstore, s3fs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-epochs", type=int, default=3,
+                   help="epochs of each real training run (0: no training section)")
+    p.add_argument("--train-dim", type=int, default=16, help="D of those runs (small: data-bound)")
     p.add_argument("--workdir", type=Path, help="keep the data and the store here")
     return p.parse_args(argv)
 
@@ -93,19 +102,51 @@ def build_cache(root: Path, args) -> Path:
                           str(cache), "--weights", args.weights, "--scheduler", "synchronous",
                           "--device", "cpu", "--shard-size", str(args.shard_size)],
                    check=True, env=env, stdout=subprocess.DEVNULL)
+    if args.train_epochs:
+        subprocess.run(cli + ["extract", "text", str(root / "synth" / "manifest.jsonl"), "--cache",
+                              str(root / "text"), "--scheduler", "synchronous", "--device", "cpu"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
     return cache
 
 
-def upload(cache: Path, server, bucket: str) -> tuple[str, float, int]:
+def upload(cache: Path, server, bucket: str, name: str = "cache") -> tuple[str, float, int]:
     """Copy the store into the bucket with fsspec's put; (url, seconds, bytes)."""
     import fsspec
 
     fs = fsspec.filesystem("s3", **server.storage_options)
     files = [p for p in sorted(cache.rglob("*")) if p.is_file() and p.name != ".lock"]
-    remote = [f"{bucket}/cache/{p.relative_to(cache).as_posix()}" for p in files]
+    remote = [f"{bucket}/{name}/{p.relative_to(cache).as_posix()}" for p in files]
     started = time.perf_counter()
     fs.put([str(p) for p in files], remote)
-    return f"s3://{bucket}/cache", time.perf_counter() - started, sum(p.stat().st_size for p in files)
+    return f"s3://{bucket}/{name}", time.perf_counter() - started, sum(p.stat().st_size for p in files)
+
+
+def training_epochs(images, text, options, server, args, out: Path) -> list[dict]:
+    """One real training run; per epoch: seconds, seconds waiting for data, MB and requests the
+    server answered. An epoch's reads all happen before its last step is reported (its
+    prefetcher is closed before the next epoch's starts), so the counts split cleanly there."""
+    from multigrounding.heads.config import TrainConfig
+    from multigrounding.heads.trainer import train
+
+    config = TrainConfig(images=str(images), text=str(text), out=str(out),
+                         epochs=args.train_epochs, batch_size=args.batch, dim=args.train_dim,
+                         seed=args.seed, device="cpu", read_cache_gb=args.cache_gb if options[
+                             "cache"] else 0.0)
+    epochs: list[dict] = []
+    state = {"traffic": server.traffic(), "time": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+    def progress(metrics: dict) -> None:
+        state["wait"] += metrics["data_wait_seconds"]
+        state["steps"] += 1
+        if state["steps"] == options["steps"]:
+            now, traffic = time.perf_counter(), server.traffic()
+            used = traffic - state["traffic"]
+            epochs.append({"seconds": now - state["time"], "wait": state["wait"],
+                           "mb": used.bytes_out / 1e6, "requests": used.requests})
+            state.update(traffic=traffic, time=now, wait=0.0, steps=0)
+
+    train(config, progress=progress, storage_options=options["storage_options"])
+    return epochs
 
 
 # --------------------------------------------------------------------------- readers
@@ -156,7 +197,6 @@ def write_shards(store, levels, shard_size: int) -> None:
 
 def epoch_traffic(read, server, num_images: int, batch: int, rng) -> tuple[float, int, float]:
     """One epoch (every row once, random batches): (MB sent by the server, requests, seconds)."""
-    import tensorstore as ts
 
     before, started = server.traffic(), time.perf_counter()
     order = rng.permutation(num_images)
@@ -184,6 +224,7 @@ def main(argv=None) -> int:
     from multigrounding.cache.image_store import ImageFeatureStore
     from multigrounding.cache.location import Location
     from multigrounding.cache.reader import VisualBatchReader
+    from multigrounding.heads.data import PairedCaches
 
     print("bench_object_store:", machine_line())
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-s3-"))
@@ -215,9 +256,9 @@ def main(argv=None) -> int:
         readers = {
             "local": VisualBatchReader(cache).read,
             "local, warm": VisualBatchReader(cache, cache_bytes=cache_bytes).read,
-            "s3": tensorstore_reader(s3, levels, 0),
+            "s3": VisualBatchReader(s3).read,
             "s3, warm": tensorstore_reader(s3, levels, cache_bytes),
-            "s3, warm, no recheck": tensorstore_reader(s3, levels, cache_bytes, recheck="open"),
+            "s3, warm, no recheck": VisualBatchReader(s3, cache_bytes=cache_bytes).read,
             "s3, zarr": zarr_reader(s3.zarr_store(read_only=True), levels),
             "s3, zarr+s3fs": zarr_reader(FsspecStore.from_url(url, storage_options=dict(
                 server.storage_options), read_only=True), levels),
@@ -320,6 +361,36 @@ def main(argv=None) -> int:
               f"visual levels are {visual_mb:.1f} MB)")
         print(table(["reader", "when", "MB sent by the server", "÷ store", "requests",
                      "MB tensorstore counted", "seconds"], rows_traffic))
+
+        if args.train_epochs:
+            text_url, _, _ = upload(root / "text", server, bucket, "text")
+            steps = len(PairedCaches(cache, root / "text")) // args.batch
+            runs = {}
+            arms = [("local", cache, root / "text", False), ("local", cache, root / "text", True),
+                    ("s3", url, text_url, False), ("s3", url, text_url, True)]
+            for i, (where, images, text, cached) in enumerate(arms):
+                options = {"cache": cached, "steps": steps,
+                           "storage_options": dict(server.storage_options)}
+                runs[where, cached] = training_epochs(images, text, options, server, args,
+                                                      root / f"run-{i}")
+            rows = []
+            for (where, cached), epochs in runs.items():
+                for e, epoch in enumerate(epochs, 1):
+                    rows.append([where, f"{args.cache_gb:g} GB" if cached else "0", e,
+                                 f"{epoch['seconds']:.2f}", f"{epoch['wait']:.2f}",
+                                 f"{epoch['mb']:.2f}", epoch["requests"]])
+            print(f"\n== real training, {args.train_epochs} epochs of {steps} batches of "
+                  f"{args.batch} (D = {args.train_dim}, CPU), image and text stores both local or "
+                  f"both on S3; --read-cache-gb as shown")
+            print(table(["stores", "--read-cache-gb", "epoch", "seconds", "waiting for data s",
+                         "MB sent by the server", "requests"], rows))
+            later = lambda key, cached: Stat([e["seconds"] for e in runs[key, cached][1:]])  # noqa: E731
+            if args.train_epochs > 1:
+                print(f"later epochs, seconds: S3 ÷ local, no chunk cache "
+                      f"{later('s3', False).median / later('local', False).median:.2f}; with it "
+                      f"{later('s3', True).median / later('local', True).median:.2f}; S3 without "
+                      f"÷ with the chunk cache "
+                      f"{later('s3', False).median / later('s3', True).median:.2f}")
     finally:
         server.stop()
         if not args.workdir:

@@ -44,6 +44,27 @@ class _Group(click.Group):
                 f"and run the same command again") from None
 
 
+def storage_options_option(command):
+    """``--storage-options JSON``: for stores and images named by URL (never saved)."""
+    from multigrounding.cache.location import STORAGE_OPTIONS_HELP
+
+    return click.option("--storage-options", "storage_options", metavar="JSON",
+                        help=STORAGE_OPTIONS_HELP)(command)
+
+
+def _storage_options(text: str | None) -> dict:
+    from multigrounding.cache.location import parse_storage_options
+
+    return parse_storage_options(text)
+
+
+def _store(where: str, options_text: str | None):
+    """A store argument: a local folder or a URL, with ``--storage-options``."""
+    from multigrounding.cache.location import Location
+
+    return Location.parse(where, _storage_options(options_text))
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 100})
 @click.version_option(__version__, prog_name="multigrounding")
@@ -140,13 +161,15 @@ def convert(format_name, sources, output, split, limit, check_images, strict, sh
               help="Decode every image (finds truncated files and wrong sizes).")
 @click.option("--jobs", type=click.IntRange(min=1), help="Threads decoding images [default: cores, at most 8].")
 @click.option("--show", default=50, show_default=True, help="How many problems to print.")
-def validate(manifest, check_images, jobs, show) -> None:
+@storage_options_option
+def validate(manifest, check_images, jobs, show, storage_options) -> None:
     """Check every record of MANIFEST and print what it holds.
 
     Checks: each line is a valid record, ids are unique, the image exists and decodes (and has
     the declared size), boxes are in order and inside the image, phrase words equal the caption
     words at `start`. Each problem prints as FILE:LINE: field: problem. Exit status 1 when any
-    record is bad.
+    record is bad. Images named by URL (s3://bucket/key) are read with --storage-options or the
+    environment.
 
     \b
     Example:
@@ -154,9 +177,10 @@ def validate(manifest, check_images, jobs, show) -> None:
     """
     from multigrounding.datasets.validate import validate_manifest
 
+    options = _storage_options(storage_options)
     with _progress("records") as bar:
         report = validate_manifest(manifest, check_images=check_images, jobs=jobs,
-                                   progress=bar.update)
+                                   progress=bar.update, storage_options=options)
     _echo_problems(report.problems, show)
     click.echo(f"{manifest}: {report.records} records, {report.bad_records} bad")
     click.echo(f"  images {report.records - report.bad_records}, captions {report.captions}, "
@@ -314,6 +338,8 @@ def config_options(cls, *, exclude: tuple[str, ...] = (), defaults: bool = True)
                     kind = RegistryChoice(*REGISTRIES[meta["registry"]])
                 elif meta["choices"]:
                     kind = click.Choice(meta["choices"])
+                elif meta["kind"] == "path" and meta["path"] == "store":
+                    kind = SettingType(item)     # a folder or a URL: click.Path would mangle s3://
                 elif meta["kind"] == "path":
                     kind = click.Path(file_okay=meta["path"] != "dir", dir_okay=meta["path"] != "file",
                                       path_type=Path)
@@ -457,7 +483,7 @@ def _echo_extraction(summary, show: int) -> None:
                f"/{summary.shards} shards done ({summary.shards_already_done} were done before), "
                f"{len(summary.failed_items)} {summary.unit} failed, {len(summary.failed_shards)} "
                f"shards failed; {summary.seconds:.1f} s ({rate:.1f} {summary.unit}/s), "
-               f"{summary.bytes / 1e6:.1f} MB on disk")
+               f"{summary.bytes / 1e6:.1f} MB {'on disk' if isinstance(summary.cache, Path) else 'stored'}")
     click.echo(f"  time in workers: read {summary.read_seconds:.1f} s, compute "
                f"{summary.compute_seconds:.1f} s, write {summary.write_seconds:.1f} s")
     if summary.disk_full:
@@ -486,18 +512,23 @@ def _train_config():
 @click.option("--dist-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Multi-process runs: seconds a process waits for the others in a collective "
                    "before it gives up (a process that died or hangs).")
+@storage_options_option
 @click.pass_context
-def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, **options) -> None:
+def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, storage_options,
+                  **options) -> None:
     """Train the mapping heads from cached features (METHOD.md is the specification).
 
     The run directory gets config.json, last.pt (and best.pt with validation), metrics.jsonl
     and loss.png. Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
     Under torchrun (or --nproc N) the processes share each batch of --batch-size pairs; only
     rank 0 writes and reports.
+    Stores may be object-store URLs; --storage-options (or the environment) reaches them and is
+    never saved in config.json: give it again with --resume.
 
     \b
     Examples:
       multigrounding train --images cache/train-images --text cache/train-text --out runs/exp1
+      multigrounding train --images s3://bucket/train-images --text s3://bucket/train-text --out runs/exp1
       multigrounding train --resume runs/exp1
       multigrounding train --nproc 2 --images cache/train-images --text cache/train-text --out runs/exp2
       torchrun --nproc-per-node 2 -m multigrounding train --resume runs/exp2
@@ -515,15 +546,19 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, **options) 
         config = RunFolder(resume_dir).config()
     else:
         config = TrainConfig.merged(config_file, given)
+    store_options = _storage_options(storage_options)
     if nproc is not None and nproc > 1:
         _start_processes(config, nproc)
     launch = Launch.from_env()
     validate = None
     if config.val_manifest:
+        from multigrounding.cache.location import Location
         from multigrounding.evaluation.phrase_pointing import pointing_validator
 
-        validate = pointing_validator(config.val_images, config.val_text, config.val_manifest,
-                                      batch_size=config.batch_size, heatmap=config.heatmap)
+        validate = pointing_validator(Location.parse(config.val_images, store_options),
+                                      Location.parse(config.val_text, store_options),
+                                      config.val_manifest, batch_size=config.batch_size,
+                                      heatmap=config.heatmap)
     with tqdm(unit=" steps", file=sys.stderr, dynamic_ncols=True, disable=None if launch.is_main else True,
               leave=False) as bar:
         def update(metrics: dict) -> None:
@@ -532,7 +567,7 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, **options) 
                             pairs_s=f"{metrics['pairs_per_second']:.0f}")
         try:
             summary = train(config, resume=bool(resume_dir), progress=update, validate=validate,
-                            dist_timeout_s=dist_timeout)
+                            dist_timeout_s=dist_timeout, storage_options=store_options)
         except KeyboardInterrupt:
             if not launch.is_main:
                 ctx.exit(130)
@@ -573,10 +608,8 @@ def _start_processes(config, nproc: int) -> None:
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The test manifest the stores were extracted from.")
-@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The test image feature store.")
-@click.option("--text", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The test text feature store.")
+@click.option("--images", required=True, help="The test image feature store (a folder or a URL).")
+@click.option("--text", required=True, help="The test text feature store (a folder or a URL).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Report folder: metrics.json, report.md, pictures/.")
 @click.option("--mode", type=click.Choice(["sentence", "query"]), default="sentence", show_default=True,
@@ -598,7 +631,8 @@ def _start_processes(config, nproc: int) -> None:
 @click.option("--seed", default=0, show_default=True, help="Which phrases are drawn.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)
-def evaluate_command(run, manifest, images, text, out, **options) -> None:
+@storage_options_option
+def evaluate_command(run, manifest, images, text, out, storage_options, **options) -> None:
     """Evaluate the trained RUN on a test set: pointing game, baselines, levels, retrieval.
 
     Writes OUT/metrics.json, OUT/report.md (the same figures as tables) and OUT/pictures/ (the
@@ -623,7 +657,9 @@ def evaluate_command(run, manifest, images, text, out, **options) -> None:
         bars[stage].update(done - bars[stage].n)
 
     try:
-        metrics = evaluate_run(Evaluation(run, manifest, images, text, out, **options), progress=update)
+        metrics = evaluate_run(Evaluation(run, manifest, images, text, out, **options,
+                                          storage_options=_storage_options(storage_options)),
+                               progress=update)
     finally:
         for bar in bars.values():
             bar.close()
@@ -943,8 +979,7 @@ def cache() -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
               type=RegistryChoice("backbone", _backbone_names))
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the cache would go (to show the free space there).")
+@click.option("--cache", help="Where the cache would go (a folder: the free space there is shown).")
 def cache_plan(manifest, backbone, cache) -> None:
     """Print how large the visual cache of MANIFEST will be, before starting.
 
@@ -971,21 +1006,23 @@ def cache_plan(manifest, backbone, cache) -> None:
 
 
 @cache.command("info")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store")
 @click.option("--show", default=20, show_default=True, help="How many failures to print.")
-def cache_info(store, show) -> None:
-    """Print what STORE holds: its config, progress and failures.
+@storage_options_option
+def cache_info(store, show, storage_options) -> None:
+    """Print what STORE (a folder or a URL) holds: its config, progress and failures.
 
     \b
-    Example:
+    Examples:
       multigrounding cache info cache/synth-images
+      multigrounding cache info s3://my-bucket/caches/synth-images
     """
 
     from multigrounding.cache.info import describe
 
-    info = describe(store)
+    info = describe(_store(store, storage_options))
     click.echo(f"{info.path}: {info.kind} store, fingerprint {info.fingerprint}, created {info.created}, "
-               f"{_size(info.bytes)} on disk")
+               f"{_size(info.bytes)} {'on disk' if isinstance(info.path, Path) else 'stored'}")
     click.echo("progress: " + ", ".join(f"{k} {v}" for k, v in info.progress.items()))
     click.echo("config:")
     for line in json.dumps(info.config, indent=2, sort_keys=True).splitlines():
@@ -997,9 +1034,10 @@ def cache_info(store, show) -> None:
 
 
 @cache.command("verify")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store")
 @click.option("--show", default=20, show_default=True, help="How many problems to print.")
-def cache_verify(store, show) -> None:
+@storage_options_option
+def cache_verify(store, show, storage_options) -> None:
     """Read every shard of STORE back: all its files there, every chunk's checksum right, shapes
     and dtypes as declared, no NaN or Inf.
 
@@ -1013,7 +1051,7 @@ def cache_verify(store, show) -> None:
     from multigrounding.cache.info import verify
 
     with _progress("shards") as bar:
-        report = verify(store, progress=bar.update)
+        report = verify(_store(store, storage_options), progress=bar.update)
     _echo_report(store, report, show)
     click.echo(f"{store}: {report.checked_shards} shards checked, {len(report.problems)} problems")
     if report.damaged:
@@ -1024,9 +1062,10 @@ def cache_verify(store, show) -> None:
 
 
 @cache.command("repair")
-@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("store")
 @click.option("--show", default=20, show_default=True, help="How many problems to print.")
-def cache_repair(store, show) -> None:
+@storage_options_option
+def cache_repair(store, show, storage_options) -> None:
     """Mark every damaged shard of STORE for extraction again.
 
     Checks the store as `cache verify` does; for each finished shard whose data files are gone
@@ -1041,7 +1080,7 @@ def cache_repair(store, show) -> None:
     from multigrounding.cache.info import repair
 
     with _progress("shards") as bar:
-        report = repair(store, progress=bar.update)
+        report = repair(_store(store, storage_options), progress=bar.update)
     _echo_report(store, report, show)
     if report.damaged:
         click.echo(f"{store}: {len(report.damaged)} damaged shards marked for extraction again "

@@ -26,7 +26,8 @@ def setting(default: Any, help: str, *, kind: str, minimum: float | None = None,
     """A config field with what the command line and the type check need.
 
     ``kind``: int, float, str, bool, ints (a list of integers, ``1,2,3`` on the command line) or
-    path. ``minimum`` is inclusive, ``above`` exclusive. ``path``: ``dir`` or ``file`` for paths.
+    path. ``minimum`` is inclusive, ``above`` exclusive. ``path``: ``dir`` or ``file`` for paths,
+    ``store`` for a store that may be a local folder or an object-store URL (kept as text).
     ``registry`` names a registry whose names are the choices (the command line lists them).
     ``required``: None is not a value for it (a config without it is incomplete).
     """
@@ -44,7 +45,7 @@ def from_mapping(cls, data: Any, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a config is a JSON object ({{\"epochs\": 20, ...}}), not "
                           f"{_kind_name(data)}")
-    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and "kind" in f.metadata}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known keys: "

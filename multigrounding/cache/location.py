@@ -38,16 +38,33 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from multigrounding.atomic import atomic_open
+from multigrounding.datasets.records import is_url  # noqa: F401  (one rule for every layer)
 from multigrounding.errors import MultigroundingError
 
 # fsspec option names understood for s3:// (translated for obstore and tensorstore).
 S3_OPTIONS = ("endpoint_url", "key", "secret", "token", "anon", "client_kwargs")
 S3_CLIENT_KWARGS = ("endpoint_url", "region_name")
 SECRET_OPTIONS = ("key", "secret", "token")
+STORAGE_OPTIONS_HELP = ("JSON object of storage options for stores and images named by URL "
+                        "(fsspec's names; for s3://: endpoint_url, key, secret, token, anon, "
+                        "client_kwargs.region_name). Never saved. Without it: the environment "
+                        "(AWS_* variables, ~/.aws, an instance role).")
 
 
 class LocationError(MultigroundingError, ValueError):
     """A store location or its storage options cannot be used."""
+
+
+class StoreUnreachableError(MultigroundingError, OSError):
+    """An object store did not answer as asked (endpoint, bucket or credentials wrong)."""
+
+
+def remote_errors() -> tuple[type[BaseException], ...]:
+    """What a request to an object store raises when it fails (obstore's errors; fsspec's are
+    OSErrors): caught where a store is first reached, and said in one line (``unreachable``)."""
+    from obstore.exceptions import BaseError
+
+    return (BaseError, OSError)
 
 
 def parse_storage_options(text: str | None) -> dict:
@@ -120,6 +137,20 @@ class Location:
         if not self.is_local:
             raise LocationError(f"{self.url}: not a local path")
         return Path(self.url)
+
+    def unreachable(self, exc: BaseException) -> StoreUnreachableError:
+        """A one-line error for a request the store refused or never answered."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError":
+            bucket = self.url.partition("://")[2].partition("/")[0]
+            return StoreUnreachableError(
+                f"{self.url}: the bucket {bucket!r} does not exist at this endpoint (or these "
+                "credentials cannot see it): create it first, or check the endpoint and the "
+                "credentials (AWS_* environment variables, or --storage-options)")
+        return StoreUnreachableError(
+            f"{self.url}: the store did not answer ({reason}); check the bucket, the endpoint and "
+            "the credentials: AWS_* environment variables, or --storage-options (never saved: "
+            "give --storage-options again on every command, --resume too)")
 
     def joinpath(self, *parts: str) -> "Location":
         """A location below this one (``loc.joinpath("visual", "level0")``)."""
@@ -358,6 +389,10 @@ def _tensorstore_credentials(settings: _S3Settings) -> dict:
     if settings.anon:
         return {"type": "anonymous"}
     if settings.key is None:
+        # Keys in this process's environment: read them directly (the default chain would try
+        # ~/.aws first and log an error line per read where those files are missing).
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            return {"type": "environment"}
         return {"type": "default"}
     ident = (settings.key, settings.secret, settings.token)
     with _CREDENTIAL_LOCK:

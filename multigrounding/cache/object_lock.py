@@ -31,8 +31,8 @@ import threading
 import uuid
 from dataclasses import asdict, dataclass
 
+from multigrounding.cache.errors import CacheLockedError
 from multigrounding.cache.location import Location
-from multigrounding.cache.store import CacheLockedError
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,15 @@ class ObjectStoreLock:
             self._thread = None
         if self.record is None or self._lost is not None:
             return
-        seen = self._read()
-        if seen is not None and seen.etag == self._etag:
-            obstore.delete(self.store, LOCK_KEY)
+        from obstore.exceptions import BaseError
+
+        try:
+            seen = self._read()
+            if seen is not None and seen.etag == self._etag:
+                obstore.delete(self.store, LOCK_KEY)
+        except BaseError as exc:  # the run's work is done; the lock goes stale by the rule above
+            log.warning("%s: could not remove the lock object %s (%s); it is taken over once "
+                        "stale", self.location, LOCK_KEY, str(exc).splitlines()[0])
         self.record = None
 
     def __enter__(self) -> "ObjectStoreLock":

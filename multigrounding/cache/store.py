@@ -10,6 +10,13 @@ zstd), so a flipped bit fails the read instead of returning wrong numbers; a chu
 a shard marked done is an error on every read path, never zeros (zarr would fill it in); and
 ``--overwrite`` replaces only a multigrounding store of the same kind, never a folder that holds
 anything else. Format-1 stores (before checksums) are still read and resumed.
+
+Where a store lives is a ``Location``: a local folder, or an object-store URL with its storage
+options (``cache/location.py``). Every function here takes either a path or a Location, and
+every rule above holds for both: on an object store the writer lock is a lock object written
+with conditional puts (``cache/object_lock.py``) instead of flock, listings replace folder
+walks, and a shard object is written whole by one PUT, so there are no temp files to clean.
+Storage options never enter a store's header.
 """
 from __future__ import annotations
 
@@ -28,55 +35,27 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
+from multigrounding.cache.errors import (CacheDamagedError, CacheError,  # noqa: F401 (re-exported)
+                                         CacheIncompleteError, CacheLockedError,
+                                         CacheMismatchError, CacheNotFoundError, repair_hint)
 from multigrounding.cache.fingerprint import config_differences, fingerprint
-from multigrounding.errors import MultigroundingError
+from multigrounding.cache.location import Location, remote_errors
+from multigrounding.cache.object_lock import LOCK_KEY as OBJECT_LOCK_NAME
+from multigrounding.cache.object_lock import ObjectStoreLock
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 ATTRIBUTE = "multigrounding"
 LOCK_NAME = ".lock"
+LOCK_NAMES = (LOCK_NAME, OBJECT_LOCK_NAME)   # the lock file; the lock object on object stores
 # Config keys (dotted) recorded for the user but not fingerprinted: where a file lies does not
 # shape the numbers (its sha256, which is fingerprinted, does).
 NOT_FINGERPRINTED = ("manifest_path", "encoder.model", "encoder_files")
 
 
-class CacheError(MultigroundingError, ValueError):
-    """A cache store cannot be used as asked."""
-
-
-class CacheNotFoundError(CacheError, FileNotFoundError):
-    """No multigrounding cache store at the given path."""
-
-
-class CacheMismatchError(CacheError):
-    """The store was made with other settings than the ones asked for."""
-
-
-class CacheLockedError(CacheError):
-    """Another process is writing to the store."""
-
-
-class CacheIncompleteError(CacheError):
-    """The store is missing shards (an extraction stopped early)."""
-
-
-class CacheDamagedError(CacheError):
-    """Data of a finished shard is missing or fails its checksum. ``detail`` says what, without
-    the store's path or the fix (for listings such as ``cache verify``)."""
-
-    def __init__(self, path, detail: str):
-        self.detail = detail
-        super().__init__(f"{path}: {detail}; {repair_hint(path)}")
-
-
 def compressors(level: int) -> tuple:
     """zstd at ``level``, then a crc32c checksum of the compressed bytes (format 2)."""
     return (ZstdCodec(level=level), Crc32cCodec())
-
-
-def repair_hint(path) -> str:
-    return (f"`multigrounding cache repair {path}` marks the damaged shards for extraction again; "
-            f"then run the same `multigrounding extract` command")
 
 
 @dataclass
@@ -92,14 +71,32 @@ class Header:
                 "fingerprint": self.fingerprint, "config": self.config, "created": self.created}
 
 
-def read_header(path: str | Path, kind: str | None = None) -> tuple[zarr.Group, Header]:
+def shown(location: Location):
+    """How messages name a store: its folder (a Path) locally, its URL on an object store."""
+    return location.path if location.is_local else location
+
+
+def _has_root(location: Location) -> bool:
+    """Whether the store's zarr.json is there; a store that does not answer is an error."""
+    if location.is_local:
+        return (location.path / "zarr.json").is_file()
+    try:
+        return location.exists("zarr.json")
+    except remote_errors() as exc:
+        raise location.unreachable(exc) from None
+
+
+def read_header(where: str | Path | Location, kind: str | None = None) -> tuple[zarr.Group, Header]:
     """Open a store read-only and return its group and header, checking its kind."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise CacheNotFoundError(f"{path}: no cache store here (no zarr.json); run "
+    location = Location.parse(where)
+    path = shown(location)
+    if not _has_root(location):
+        hint = "" if location.is_local else (" (or the storage options do not reach it: they are "
+                                              "never saved: give --storage-options again)")
+        raise CacheNotFoundError(f"{path}: no cache store here (no zarr.json){hint}; run "
                                  f"`multigrounding extract` to make one")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = location.open_group("r")
         data = group.attrs.asdict().get(ATTRIBUTE)
     except (ValueError, TypeError, KeyError, OSError) as exc:
         raise CacheNotFoundError(f"{path}: zarr.json is not a readable zarr group ({exc})") from None
@@ -122,7 +119,7 @@ def describe_kind(header: Header) -> str:
     return f"{kind} features ({model})" if model else f"{kind} features"
 
 
-def prepare_store(path: str | Path, kind: str, config: dict, overwrite: bool = False
+def prepare_store(where: str | Path | Location, kind: str, config: dict, overwrite: bool = False
                   ) -> tuple[zarr.Group, Header, bool]:
     """Create a store for ``config``, or reopen the matching one to resume it.
 
@@ -131,62 +128,69 @@ def prepare_store(path: str | Path, kind: str, config: dict, overwrite: bool = F
     of the same kind whose folder holds nothing else. A folder holding anything that is not a
     store is never touched. The caller holds the writer lock.
     """
-    path = Path(path)
+    location = Location.parse(where)
+    path = shown(location)
     expected = fingerprint(_fingerprinted(config))
-    existing = _existing_header(path)
+    existing = _existing_header(location)
     if existing is not None:
         if existing.kind != kind:
             raise CacheMismatchError(
                 f"{path} holds {describe_kind(existing)}; {'image' if kind == 'images' else kind} "
                 f"features go in their own store: choose another --cache")
         if existing.fingerprint == expected:
-            return zarr.open_group(str(path), mode="r+"), existing, True
+            return location.open_group("r+"), existing, True
         if not overwrite:
             differences = config_differences(_fingerprinted(existing.config), _fingerprinted(config))
             raise CacheMismatchError(
                 f"{path}: this cache was made with other settings; pass --overwrite to replace "
                 "it, or choose another --cache. Differences (cache -> now):\n  "
                 + "\n  ".join(differences or ["(fingerprint only)"]))
-        foreign = foreign_entries(path)
+        foreign = foreign_entries(location)
         if foreign:
             raise CacheMismatchError(
                 f"{path}: --overwrite replaces only a cache store, and this folder also holds "
                 f"{_list(foreign)}; move those away or choose another --cache")
-        _clear_store(path)
-    elif (path / "zarr.json").exists():
+        _clear_store(location)
+    elif location.exists("zarr.json"):
         raise CacheMismatchError(f"{path}: holds a zarr store that multigrounding did not make; "
                                  "choose another --cache")
-    elif path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
+    elif others := [name for name in location.children() if name not in LOCK_NAMES]:
         raise CacheMismatchError(
-            f"{path}: exists and holds other files ({_list(sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME))}); "
+            f"{path}: exists and holds other files ({_list(others)}); "
             "a cache needs a new or empty folder: choose another --cache")
-    group = zarr.open_group(str(path), mode="a")  # the folder is empty but for the lock
+    group = location.open_group("a")  # the folder is empty but for the lock
     header = Header(kind=kind, format_version=FORMAT_VERSION, fingerprint=expected, config=config,
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     group.attrs[ATTRIBUTE] = header.to_json()
     return group, header, False
 
 
-def _existing_header(path: Path) -> Header | None:
-    """The header of the multigrounding store at ``path``, or None when there is none."""
-    if not (path / "zarr.json").is_file():
+def _existing_header(location: Location) -> Header | None:
+    """The header of the multigrounding store at ``location``, or None when there is none."""
+    if not _has_root(location):
         return None
     try:
-        _, header = read_header(path)
+        _, header = read_header(location)
     except CacheNotFoundError:
         return None
     except CacheMismatchError:   # a store of a format this version cannot read
-        data = json.loads((path / "zarr.json").read_text(encoding="utf-8"))["attributes"][ATTRIBUTE]
+        data = json.loads(location.read_bytes("zarr.json").decode("utf-8"))["attributes"][ATTRIBUTE]
         return Header(**{key: data[key] for key in Header.__dataclass_fields__})
     return header
 
 
-def foreign_entries(path: Path) -> list[str]:
-    """Names in a store's folder that are not the store's: its zarr.json, its lock, and zarr
-    nodes (folders with a zarr.json) are the store's; anything else is someone else's."""
-    return sorted(p.name for p in path.iterdir()
-                  if p.name not in ("zarr.json", LOCK_NAME)
-                  and not (p.is_dir() and not p.is_symlink() and (p / "zarr.json").is_file()))
+def foreign_entries(where: str | Path | Location) -> list[str]:
+    """Names in a store's folder (or prefix) that are not the store's: its zarr.json, its lock,
+    and zarr nodes (folders or prefixes with a zarr.json) are the store's; anything else is
+    someone else's."""
+    location = Location.parse(where)
+    if location.is_local:
+        path = location.path
+        return sorted(p.name for p in path.iterdir()
+                      if p.name not in ("zarr.json", *LOCK_NAMES)
+                      and not (p.is_dir() and not p.is_symlink() and (p / "zarr.json").is_file()))
+    return [name for name in location.children()
+            if name not in ("zarr.json", *LOCK_NAMES) and not location.exists(f"{name}/zarr.json")]
 
 
 def _list(names: list[str], limit: int = 5) -> str:
@@ -194,15 +198,30 @@ def _list(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-@contextlib.contextmanager
-def writer_lock(path: str | Path) -> Iterator[None]:
-    """Hold the store's lock file while writing; a second writer is refused at once.
+class _HeldFileLock:
+    """What ``writer_lock`` yields for a local store: an OS lock cannot be taken over."""
 
-    The lock is an OS file lock (flock), so a killed writer leaves nothing to clean up. When no
-    store came of it (the command was refused), the lock file, and the folder if this made it,
-    are removed again: a refused command leaves nothing behind.
+    def check(self) -> None:
+        """Nothing to do: flock is held until this process lets go or dies."""
+
+
+@contextlib.contextmanager
+def writer_lock(where: str | Path | Location) -> Iterator:
+    """Hold the store's writer lock while writing; a second writer is refused at once. Yields
+    the lock: call its ``check()`` between shards (an object-store lock can be taken over).
+
+    Locally the lock is an OS file lock (flock), so a killed writer leaves nothing to clean up.
+    When no store came of it (the command was refused), the lock file, and the folder if this
+    made it, are removed again: a refused command leaves nothing behind. On an object store it
+    is ``ObjectStoreLock`` (a lock object written with conditional puts, with a heartbeat and a
+    stale rule; see cache/object_lock.py), deleted again when released.
     """
-    path = Path(path)
+    location = Location.parse(where)
+    if not location.is_local:
+        with _object_store_lock(location) as lock:
+            yield lock
+        return
+    path = location.path
     created = not path.exists()
     lock_file = path / LOCK_NAME
     had_lock = lock_file.exists()
@@ -216,7 +235,7 @@ def writer_lock(path: str | Path) -> Iterator[None]:
     except OSError as exc:
         raise CacheError(f"{path}: cannot write a cache here ({exc.strerror or exc})") from None
     try:
-        yield
+        yield _HeldFileLock()
     finally:
         lock.release()
         if not (path / "zarr.json").exists():
@@ -227,10 +246,27 @@ def writer_lock(path: str | Path) -> Iterator[None]:
                     path.rmdir()
 
 
-def remove_stale_partials(path: str | Path) -> int:
-    """Delete the ``*.partial`` temp files a killed writer left (zarr writes temp + rename)."""
+@contextlib.contextmanager
+def _object_store_lock(location: Location) -> Iterator:
+    lock = ObjectStoreLock(location)
+    try:
+        lock.acquire()
+    except remote_errors() as exc:
+        raise location.unreachable(exc) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def remove_stale_partials(where: str | Path | Location) -> int:
+    """Delete the ``*.partial`` temp files a killed writer left (zarr writes temp + rename). An
+    object store has none: each object is written whole by one PUT."""
+    location = Location.parse(where)
+    if not location.is_local:
+        return 0
     count = 0
-    for partial in Path(path).rglob("*.partial"):
+    for partial in location.path.rglob("*.partial"):
         partial.unlink(missing_ok=True)
         count += 1
     return count
@@ -240,7 +276,7 @@ def remove_stale_partials(path: str | Path) -> int:
 class VerifyReport:
     """What ``verify`` found: how many shards it checked, and each problem in words."""
 
-    path: Path
+    path: Path | Location
     checked_shards: int = 0
     problems: list[str] = field(default_factory=list)
     damaged: list[int] = field(default_factory=list)   # done shards whose data is lost or bad
@@ -261,8 +297,9 @@ class ShardedStore:
     CONFIG: type = dict
     UNIT = "items"
 
-    def __init__(self, path: str | Path, group: zarr.Group, header: Header):
-        self.path = Path(path)
+    def __init__(self, where: str | Path | Location, group: zarr.Group, header: Header):
+        self.location = Location.parse(where)
+        self.path = shown(self.location)   # for messages: a Path locally, else the URL
         self.group = group
         self.header = header
         self.config = self.CONFIG.from_json(header.config)
@@ -322,21 +359,23 @@ class ShardedStore:
         raise NotImplementedError
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, config, layout, overwrite: bool = False):
+    def create_or_resume(cls, where: str | Path | Location, config, layout, overwrite: bool = False):
         """Driver side: a new store for ``config`` (the typed config; arrays allocated from
         ``layout``, nothing computed) or the matching existing one. Returns (store, resumed)."""
-        group, header, resumed = prepare_store(path, cls.KIND, config.to_json(), overwrite)
+        location = Location.parse(where)
+        group, header, resumed = prepare_store(location, cls.KIND, config.to_json(), overwrite)
         if not resumed:
             cls._allocate(group, config, layout)
-        return cls(path, group, header), resumed
+        return cls(location, group, header), resumed
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r"):
+    def open(cls, where: str | Path | Location, mode: str = "r"):
         """Open an existing store: ``r`` to read, ``r+`` for a worker writing its shards."""
-        group, header = read_header(path, cls.KIND)
+        location = Location.parse(where)
+        group, header = read_header(location, cls.KIND)
         if mode != "r":
-            group = zarr.open_group(str(path), mode=mode)
-        return cls(path, group, header)
+            group = location.open_group(mode)
+        return cls(location, group, header)
 
     # ------------------------------------------------------------ integrity
     PER_SHARD_ARRAYS: tuple[str, ...] = ()  # arrays stored one chunk (or zarr shard) per store shard
@@ -369,12 +408,29 @@ class ShardedStore:
                 missing[int(shard)] = gone
         return missing
 
-    def tensorstore(self, name: str, context: ts.Context | None = None) -> ts.TensorStore:
+    def tensorstore(self, name: str, context: ts.Context | None = None):
         """A read-only tensorstore view of array ``name``, strict: a missing chunk is an error,
-        not fill values (tensorstore's ``fill_missing_data_reads``), and checksums are checked."""
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)},
-                "fill_missing_data_reads": False}
-        return ts.open(spec, read=True, context=context).result()
+        not fill values (tensorstore's ``fill_missing_data_reads``), and checksums are checked.
+
+        Through tensorstore's kvstore for the location (``file`` locally, ``s3``); on an object
+        store a chunk once cached is trusted while the view lives (``recheck_cached_data:
+        open``: a finished store does not change, and revalidating costs a request per shard
+        per batch; benchmarks/OBJECT_STORE_NOTES.md). Where tensorstore has no kvstore for the
+        scheme, the same interface over zarr-python (``zarr_rows.ZarrRowsView``)."""
+        kvstore = self.location.kvstore_spec(name)
+        if kvstore is None:
+            from multigrounding.cache.zarr_rows import ZarrRowsView
+
+            return ZarrRowsView(self.group[name])
+        spec = {"driver": "zarr3", "kvstore": kvstore, "fill_missing_data_reads": False}
+        if not self.location.is_local:
+            spec["recheck_cached_data"] = "open"
+        try:
+            return ts.open(spec, read=True, context=context).result()
+        except ValueError as exc:
+            if self.location.is_local:
+                raise
+            raise self.location.unreachable(exc) from None
 
     def forget_shard(self, shard: int) -> None:
         """Driver side, under the writer lock: delete the shard's data files and clear its done
@@ -431,9 +487,9 @@ def read_rows(store: "ShardedStore", name: str, rows: np.ndarray, view=None, des
 
 
 
-def store_bytes(path: str | Path) -> int:
-    """Bytes on disk under the store."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def store_bytes(where: str | Path | Location) -> int:
+    """Bytes stored under the store (on disk, or in its objects)."""
+    return Location.parse(where).total_bytes()
 
 
 def _fingerprinted(config: dict, prefix: str = "") -> dict:
@@ -446,11 +502,14 @@ def _fingerprinted(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _clear_store(path: Path) -> None:
+def _clear_store(location: Location) -> None:
     """Remove a store's own entries (its zarr.json and zarr nodes), keeping the lock the caller
     holds; ``prepare_store`` has checked that nothing else is there."""
-    for child in path.iterdir():
-        if child.name == LOCK_NAME:
+    if not location.is_local:   # one listing, then bulk deletes
+        location.delete_all(keep=LOCK_NAMES)
+        return
+    for child in location.path.iterdir():
+        if child.name in LOCK_NAMES:
             continue
         if child.name == "zarr.json":
             child.unlink()

@@ -34,3 +34,37 @@ def read_rows(arrays: Sequence, rows: Sequence[int]) -> list[np.ndarray]:
 async def _gather(arrays, rows: list[int]) -> list[np.ndarray]:
     return await asyncio.gather(*[array.getitem((slice(r, r + 1),))
                                   for array in arrays for r in rows])
+
+
+class ZarrRowsView:
+    """The part of a tensorstore view the readers use (``view[index].read().result()``), over a
+    zarr-python array, for locations tensorstore has no kvstore for. Failures to read come back
+    as ValueError, as tensorstore's do, so the readers name the damaged row the same way."""
+
+    def __init__(self, array):
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+
+    def __getitem__(self, index) -> "_Read":
+        return _Read(self.array, index)
+
+
+class _Read:
+    """``.read()`` → itself; ``.result()`` reads (rows by ``read_rows``, a slice as one read)."""
+
+    def __init__(self, array, index):
+        self.array, self.index = array, index
+
+    def read(self) -> "_Read":
+        return self
+
+    def result(self) -> np.ndarray:
+        try:
+            if isinstance(self.index, slice):
+                return self.array[self.index]
+            return read_rows([self.array], np.asarray(self.index).reshape(-1))[0]
+        except IndexError:
+            raise
+        except Exception as exc:  # a checksum or decode failure, or a lost object
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None

@@ -2,7 +2,9 @@
 
 Every record a reader yields is checked again here (unique id, image file present, boxes and
 phrase words right) so that a manifest this writes always passes ``datasets validate``'s
-record checks; the image decode check stays with ``validate``, which is slower.
+record checks; the image decode check stays with ``validate``, which is slower. An image named
+by URL (``s3://...``) is not looked up here (that would be a request per record, needing
+credentials): ``validate`` reads it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 from multigrounding.datasets.formats import get_format
 from multigrounding.datasets.manifest import write_manifest
 from multigrounding.datasets.problems import ProblemLog
-from multigrounding.datasets.records import Record, check_record
+from multigrounding.datasets.records import Record, check_record, is_url
 from multigrounding.errors import DatasetError
 
 
@@ -64,7 +66,7 @@ def _checked(records: Iterator[Record], problems: ProblemLog, check_images: bool
         if record.id in seen:
             problems.add(record.image, where, "id", "duplicate id; the first record is kept")
             continue
-        if check_images and not os.path.isfile(record.image):
+        if check_images and not is_url(record.image) and not os.path.isfile(record.image):
             problems.add(record.image, where, "image", "file not found")
             continue
         issues = list(check_record(record))

@@ -3,16 +3,26 @@
 Validation decodes each image once so that a truncated or undecodable file is found before a
 multi-hour extraction meets it; extraction loads images through ``load_rgb`` so that grayscale,
 CMYK, palette, alpha and 16-bit files all become the same 8-bit RGB the backbones expect.
+
+An image named by URL (``s3://bucket/key``, or any scheme fsspec has installed: ``gs://`` with
+gcsfs, ``https://``, ...) is read whole into memory through fsspec with the given storage options
+(fsspec's names: ``endpoint_url``, ``key``, ``secret``, ...; for S3 it needs s3fs), one GET per
+image, so that dask workers with no shared disk read the dataset from an object store. Local
+paths are opened as before, with no fsspec in the way.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
-from typing import Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from multigrounding.datasets.records import is_url
+from multigrounding.errors import DatasetError
 
 # A JPEG this many times larger than the target side (in both directions) is decoded at a reduced
 # DCT scale first (Pillow's draft mode): a 10,000-pixel photo then costs megabytes, not a gigabyte.
@@ -25,17 +35,60 @@ class ImageProblem(ValueError):
     """The image file is missing, unreadable or does not decode."""
 
 
+def read_url(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole file at ``url`` (one request), or ImageProblem saying why not."""
+    import fsspec
+
+    scheme = url.partition(":")[0]
+    try:
+        fs, key = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as exc:
+        raise ImageProblem(f"cannot read {scheme}:// URLs here ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise ImageProblem(f"the storage options do not fit {scheme}:// ({exc})") from None
+    try:
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        raise ImageProblem("file not found") from None
+    except IsADirectoryError:
+        raise ImageProblem("not a file") from None
+    except Exception as exc:  # the store refused or did not answer: say what it said
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ImageProblem(f"cannot be read ({type(exc).__name__}: {reason})") from None
+
+
+def check_url_access(images: Iterable[str], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Before a long run: the first image named by URL can be read with these options (a wrong
+    endpoint or missing credentials would otherwise fail every image, one by one). A missing
+    image is left for the run to record; a store that refuses is a DatasetError."""
+    first = next((name for name in images if is_url(name)), None)
+    if first is None:
+        return
+    try:
+        read_url(first, storage_options)
+    except ImageProblem as exc:
+        if str(exc) != "file not found":
+            raise DatasetError(f"{first}: {exc}; images named by URL are read with the storage "
+                               "options (--storage-options, or the environment: AWS_* for "
+                               "s3://)") from None
+
+
 @contextlib.contextmanager
-def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+def _opened(path: str | os.PathLike,
+            storage_options: Mapping[str, Any] | None = None) -> Iterator[Image.Image]:
     """Open an image, turning every way a file can be bad into ImageProblem with a reason."""
-    if not os.path.exists(path):
-        raise ImageProblem("file not found")
-    if not os.path.isfile(path):
-        raise ImageProblem("not a file")
+    if is_url(path):
+        source = io.BytesIO(read_url(os.fspath(path), storage_options))
+    else:
+        if not os.path.exists(path):
+            raise ImageProblem("file not found")
+        if not os.path.isfile(path):
+            raise ImageProblem("not a file")
+        source = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise ImageProblem(f"too large to decode safely ({image.width}x{image.height})")
                 yield image
@@ -49,20 +102,24 @@ def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
         raise ImageProblem(f"does not decode: {exc}") from None
 
 
-def inspect_image(path: str | os.PathLike) -> tuple[int, int]:
-    """Decode the whole image and return its (width, height), or raise ImageProblem saying why."""
-    with _opened(path) as image:
+def inspect_image(path: str | os.PathLike,
+                  storage_options: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Decode the whole image and return its (width, height), or raise ImageProblem saying why.
+    ``storage_options`` serve images named by URL."""
+    with _opened(path, storage_options) as image:
         image.load()
         return image.size
 
 
-def load_rgb(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def load_rgb(path: str | os.PathLike, size: int,
+             storage_options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as uint8 RGB [size, size, 3] (no crop, aspect not kept) and its original size.
 
     Alpha is dropped (the colour channels are kept as stored); 16-bit and float images are
     scaled to 0-255; EXIF orientation is ignored, as the datasets' boxes are in stored pixels.
+    ``storage_options`` serve images named by URL.
     """
-    with _opened(path) as image:
+    with _opened(path, storage_options) as image:
         original = image.size
         if (image.format == "JPEG" and image.width >= DRAFT_FACTOR * size
                 and image.height >= DRAFT_FACTOR * size):
@@ -71,6 +128,14 @@ def load_rgb(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int,
         rgb = _to_rgb(image)
         resized = rgb.resize((size, size), Image.BILINEAR)
         return np.asarray(resized, dtype=np.uint8), original
+
+
+def open_image(path: str | os.PathLike,
+               storage_options: Mapping[str, Any] | None = None) -> Image.Image:
+    """The whole image, decoded (for pictures): a local path or a URL; ImageProblem if not."""
+    with _opened(path, storage_options) as image:
+        image.load()
+        return image.copy()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

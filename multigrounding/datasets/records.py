@@ -26,6 +26,13 @@ LABEL_KINDS = (ENTITY, TRIPLE)
 ARTICLES = frozenset({"a", "an", "the"})
 
 
+def is_url(text: str | os.PathLike) -> bool:
+    """Whether ``text`` names a remote file (``s3://bucket/key``, any ``scheme://``), which is
+    kept as written, not a local path (``file://`` counts as local). Only the text is looked at."""
+    scheme, sep, _ = os.fspath(text).partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.lower() not in ("file", "local")
+
+
 class RecordError(ValueError):
     """A record is not well formed; ``field`` is the dotted path of the bad part."""
 
@@ -96,7 +103,8 @@ class Label:
 
 @dataclass
 class Record:
-    """One image line of the manifest. ``image`` is an absolute path once read or built."""
+    """One image line of the manifest. ``image`` is an absolute path once read or built, or a
+    URL (``s3://bucket/key``) as the manifest wrote it."""
 
     id: str
     image: str
@@ -107,9 +115,10 @@ class Record:
     labels: list[Label] | None = None  # None: never labelled (the field is left out)
 
     def to_json(self, root: str | os.PathLike | None = None) -> dict[str, Any]:
-        """The manifest line; with ``root`` the image path is written relative to that folder."""
+        """The manifest line; with ``root`` the image path is written relative to that folder
+        (a URL as it is)."""
         image = self.image
-        if root is not None:
+        if root is not None and not is_url(image):
             image = _relative_path(image, root)
         out: dict[str, Any] = {"id": self.id, "image": image}
         if self.width is not None:
@@ -136,8 +145,8 @@ class Record:
             raise RecordError("id", "required, a non-empty string")
         image = data.get("image")
         if not isinstance(image, str) or not image.strip():
-            raise RecordError("image", "required, a path relative to the manifest's folder")
-        if root is not None and not os.path.isabs(image):
+            raise RecordError("image", "required, a path relative to the manifest's folder or a URL")
+        if root is not None and not os.path.isabs(image) and not is_url(image):
             image = os.path.normpath(os.path.join(root, image))
         width = _optional_size(data, "width")
         height = _optional_size(data, "height")

@@ -2,7 +2,8 @@
 
 A manifest is read by every later stage; finding a truncated image or a box outside its image
 here costs seconds, finding it mid-extraction costs hours. Images are decoded on a thread pool
-(Pillow releases the GIL while decoding) in a bounded window, so memory stays flat.
+(Pillow releases the GIL while decoding) in a bounded window, so memory stays flat. Images named
+by URL (``s3://...``) are read and decoded the same way, with the given storage options.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import concurrent.futures
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from multigrounding.datasets.images import ImageProblem, inspect_image
 from multigrounding.datasets.manifest import iter_manifest
@@ -36,8 +37,10 @@ class ValidationReport:
 
 
 def validate_manifest(path: str | os.PathLike, *, check_images: bool = True, jobs: int | None = None,
-                      progress: Callable[[int], None] | None = None) -> ValidationReport:
-    """Check every line of the manifest at ``path``; never raises for a bad record."""
+                      progress: Callable[[int], None] | None = None,
+                      storage_options: Mapping[str, Any] | None = None) -> ValidationReport:
+    """Check every line of the manifest at ``path``; never raises for a bad record.
+    ``storage_options`` reach images named by URL."""
     path = Path(path)
     report = ValidationReport(manifest=path)
     seen: dict[str, int] = {}
@@ -50,7 +53,7 @@ def validate_manifest(path: str | os.PathLike, *, check_images: bool = True, job
                 _fail(report, path, number, [(item.field, item.message)])
                 _tick(progress)
                 continue
-            size = pool.submit(_image_size, item.image) if check_images else None
+            size = pool.submit(_image_size, item.image, storage_options) if check_images else None
             window.append((number, item, size))
             if len(window) >= 4 * jobs:
                 _check(report, path, seen, *window.popleft(), progress)
@@ -59,9 +62,9 @@ def validate_manifest(path: str | os.PathLike, *, check_images: bool = True, job
     return report
 
 
-def _image_size(image: str) -> tuple[int, int] | str:
+def _image_size(image: str, storage_options) -> tuple[int, int] | str:
     try:
-        return inspect_image(image)
+        return inspect_image(image, storage_options)
     except ImageProblem as exc:
         return str(exc)
 

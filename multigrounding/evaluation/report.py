@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from multigrounding.atomic import atomic_open
 from multigrounding.cache.image_store import ImageStoreConfig
+from multigrounding.cache.location import Location
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheMismatchError
 from multigrounding.cache.text_store import TextStoreConfig
+from multigrounding.datasets.images import open_image
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.devices import resolve_device
 from multigrounding.errors import UnknownNameError
@@ -49,10 +50,10 @@ class Evaluation:
                         required=True, cli=False)
     manifest: Path = setting(None, "The test manifest the stores were extracted from.",
                              kind="path", path="file", required=True, cli=False)
-    images: Path = setting(None, "The test image feature store.", kind="path", path="dir",
-                           required=True, cli=False)
-    text: Path = setting(None, "The test text feature store.", kind="path", path="dir",
-                         required=True, cli=False)
+    images: str | Path = setting(None, "The test image feature store (a folder or a URL).",
+                                 kind="path", path="store", required=True, cli=False)
+    text: str | Path = setting(None, "The test text feature store (a folder or a URL).",
+                               kind="path", path="store", required=True, cli=False)
     out: Path = setting(None, "Report folder: metrics.json, report.md, pictures/.", kind="path",
                         path="dir", required=True, cli=False)
     mode: str = setting("sentence", "sentence: phrases inside their caption use its word "
@@ -72,6 +73,9 @@ class Evaluation:
                                    "this.", kind="int", minimum=1)
     batch_size: int = setting(32, "Sequences grounded per batch.", kind="int", minimum=1)
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1 ...", kind="str")
+    # for stores and images named by URL: given on the command line, never written or read from
+    # a config (it may hold credentials)
+    storage_options: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_dict(cls, data, source: str = "evaluation") -> "Evaluation":
@@ -105,7 +109,9 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
     device = resolve_device(job.device)
     heads, saved = load_heads(job.run, job.checkpoint, device)
     config = saved.config
-    visual, words = VisualBatchReader(job.images), TextBatchReader(job.text)
+    images = Location.parse(job.images, job.storage_options)
+    text = Location.parse(job.text, job.storage_options)
+    visual, words = VisualBatchReader(images), TextBatchReader(text)
     check_same_models(saved, visual.store, words.store)
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +120,7 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
         if progress is not None:
             progress("pointing", done, total)
 
-    pointing = evaluate_pointing(heads, job.images, job.text, job.manifest, mode=job.mode,
+    pointing = evaluate_pointing(heads, images, text, job.manifest, mode=job.mode,
                                  device=device, batch_size=job.batch_size,
                                  heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
                                  progress=pointing_progress)
@@ -148,7 +154,8 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
     else:
         retrieval_seconds = 0.0
     records = list(read_manifest(job.manifest))
-    pictures = write_pictures(pointing, records, out / PICTURES_DIR, job.pictures, job.seed)
+    pictures = write_pictures(pointing, records, out / PICTURES_DIR, job.pictures, job.seed,
+                              job.storage_options)
     metrics["pictures"] = pictures
     metrics["timing"] = {"seconds": time.perf_counter() - started,
                          "pointing_read_seconds": pointing.read_seconds,
@@ -186,8 +193,10 @@ def sample_outcomes(pointing: PointingResult, count: int, seed: int) -> list[int
     return sorted(int(i) for i in chosen)
 
 
-def write_pictures(pointing: PointingResult, records, folder: Path, count: int, seed: int) -> list[dict]:
-    """Overlay pictures of a sample of phrases: heatmap, ground-truth boxes, the pointed pixel."""
+def write_pictures(pointing: PointingResult, records, folder: Path, count: int, seed: int,
+                   storage_options: dict | None = None) -> list[dict]:
+    """Overlay pictures of a sample of phrases: heatmap, ground-truth boxes, the pointed pixel.
+    Images named by URL are read with ``storage_options``."""
     listed = []
     for i in sample_outcomes(pointing, count, seed):
         outcome = pointing.outcomes[i]
@@ -195,9 +204,9 @@ def write_pictures(pointing: PointingResult, records, folder: Path, count: int, 
         phrase = record.phrases[outcome.index]
         verdict = "hit" if outcome.hit else "miss"
         name = f"{verdict}-{_safe(record.id)}-{outcome.index}.png"
-        with Image.open(record.image) as image:
-            picture = overlay(image, outcome.heatmap, phrase.boxes, outcome.xy,
-                              label=f"{phrase.text} ({verdict})")
+        image = open_image(record.image, storage_options)
+        picture = overlay(image, outcome.heatmap, phrase.boxes, outcome.xy,
+                          label=f"{phrase.text} ({verdict})")
         save_png(picture, folder / name)
         listed.append({"file": f"{PICTURES_DIR}/{name}", "image": record.id, "phrase": phrase.text,
                        "hit": outcome.hit, "point": outcome.xy,

@@ -25,15 +25,15 @@ PATH_FIELDS = ("images", "text", "val_images", "val_text", "val_manifest")
 class TrainConfig:
     """Everything a run depends on; saved as config.json in the run directory."""
 
-    images: str = setting(None, "Visual feature store of the training set.", kind="path",
-                          path="dir", required=True)
-    text: str = setting(None, "Text feature store of the same manifest.", kind="path", path="dir",
-                        required=True)
+    images: str = setting(None, "Visual feature store of the training set (a folder or a URL, "
+                                "s3://bucket/prefix).", kind="path", path="store", required=True)
+    text: str = setting(None, "Text feature store of the same manifest.", kind="path",
+                        path="store", required=True)
     out: str = setting(None, "The run directory to write.", kind="path", path="dir", required=True)
     val_images: str | None = setting(None, "Visual feature store of the validation set.",
-                                     kind="path", path="dir")
+                                     kind="path", path="store")
     val_text: str | None = setting(None, "Text feature store of the validation set.",
-                                   kind="path", path="dir")
+                                   kind="path", path="store")
     val_manifest: str | None = setting(
         None, "With --val-images/--val-text: pointing accuracy each epoch, best.pt kept.",
         kind="path", path="file")

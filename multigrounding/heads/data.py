@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from multigrounding.cache.location import Location
 from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import CacheIncompleteError, CacheMismatchError
 from multigrounding.cache.text_store import Labels
@@ -43,11 +44,14 @@ class Batch:
 
 class PairedCaches:
     """An image store and a text store of the same manifest, both complete, and which captions
-    belong to which usable image (failed images and images without captions are left out)."""
+    belong to which usable image (failed images and images without captions are left out).
+    Either store may be a local folder or an object-store URL; ``storage_options`` reach the
+    URLs (and are ignored for folders)."""
 
-    def __init__(self, images: str | Path, text: str | Path, cache_bytes: int = 0):
-        self.visual = VisualBatchReader(images, cache_bytes)
-        self.text = TextBatchReader(text)
+    def __init__(self, images: str | Path | Location, text: str | Path | Location,
+                 cache_bytes: int = 0, storage_options: dict | None = None):
+        self.visual = VisualBatchReader(Location.parse(images, storage_options), cache_bytes)
+        self.text = TextBatchReader(Location.parse(text, storage_options))
         image_store, text_store = self.visual.store, self.text.store
         for store in (image_store, text_store):
             missing = int((~store.done_shards()).sum())

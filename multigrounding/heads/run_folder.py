@@ -7,6 +7,11 @@ the run's old location is tried inside its new one. ``--resume DIR`` always work
 on the folder the config names (a copied run writes into the copy). Only one run writes to a
 folder at a time: a second is refused while the first holds the lock (an OS file lock, so a
 killed run leaves nothing to clean up).
+
+A store named by URL (``s3://bucket/prefix``) is kept exactly as given: it is not a path to
+resolve or move. Storage options (credentials, endpoints) are never saved in config.json: a run
+on object-store caches finds them, on ``--resume`` as on the first run, in the environment
+(``AWS_*`` variables, ~/.aws, an instance role) or in ``--storage-options`` given again.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Iterator
 import filelock
 
 from multigrounding.atomic import atomic_open
+from multigrounding.cache.location import is_url
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.checkpoint import BEST, LAST
 from multigrounding.heads.config import PATH_FIELDS, ConfigError, TrainConfig
@@ -94,7 +100,7 @@ class RunFolder:
         changes = {"out": str(self.path)}
         for name in PATH_FIELDS:
             value = getattr(config, name)
-            if value is not None:
+            if value is not None and not is_url(value):
                 changes[name] = str(self._find(name, Path(value), saved_at))
         return dataclasses.replace(config, **changes)
 
@@ -170,8 +176,9 @@ class RunFolder:
 
 
 def absolute(config: TrainConfig, out: str | os.PathLike | None = None) -> TrainConfig:
-    """``config`` with every store path and ``out`` absolute (as a run folder saves it)."""
+    """``config`` with every store path and ``out`` absolute (as a run folder saves it); a URL
+    stays as it is."""
     changes = {name: str(Path(getattr(config, name)).resolve()) for name in PATH_FIELDS
-               if getattr(config, name) is not None}
+               if getattr(config, name) is not None and not is_url(getattr(config, name))}
     changes["out"] = str(Path(out if out is not None else config.out).resolve())
     return dataclasses.replace(config, **changes)

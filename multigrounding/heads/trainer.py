@@ -81,13 +81,15 @@ def build_heads(config: TrainConfig, caches: PairedCaches) -> GroundingHeads:
 def train(config: TrainConfig, resume: bool = False,
           progress: Callable[[dict], None] | None = None,
           validate: Validator | None = None, *,
-          dist_timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainSummary:
+          dist_timeout_s: float = DEFAULT_TIMEOUT_S,
+          storage_options: dict | None = None) -> TrainSummary:
     """Train (or resume) the run in ``config.out``; ``progress(metrics)`` after every step;
     ``validate(heads)`` after every epoch when the config names validation stores.
 
     In a process group (joined by the caller, or the launcher's environment, joined here with
     collectives that give up after ``dist_timeout_s``) this process trains its share of every
-    global batch of ``config.batch_size`` pairs."""
+    global batch of ``config.batch_size`` pairs. ``storage_options`` reach stores named by URL;
+    they are not part of the config (never saved)."""
     config.check()
     if config.val_manifest and validate is None:
         raise TrainingError("the config names validation stores but no validator was given")
@@ -99,14 +101,15 @@ def train(config: TrainConfig, resume: bool = False,
         config = absolute(config)
         with folder.writing() if rank == 0 else contextlib.nullcontext():
             return _train(config, folder, resume, progress, validate, device,
-                          batch_part(config.batch_size, rank, size))
+                          batch_part(config.batch_size, rank, size), storage_options)
 
 
 def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, validate, device,
-           part: slice) -> TrainSummary:
+           part: slice, storage_options: dict | None = None) -> TrainSummary:
     started = time.perf_counter()
     main = world()[0] == 0
-    caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9))
+    caches = PairedCaches(config.images, config.text, cache_bytes=int(config.read_cache_gb * 1e9),
+                          storage_options=storage_options)
     if len(caches) < config.batch_size:
         raise TrainingError(f"{config.images}: {len(caches)} usable images, fewer than one batch "
                             f"of {config.batch_size}")

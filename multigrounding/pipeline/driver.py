@@ -10,6 +10,10 @@ scheduler, and fold each task's result into one summary with read, compute and w
 
 Workers write only their own shards and the driver only the store's attributes, so killing the
 driver loses at most the shards in flight: the same command again finishes only what is left.
+
+The cache may be a local folder or an object-store URL (``s3://bucket/prefix``); each task gets
+the store's ``Location`` (URL and storage options, picklable), so workers on other hosts with no
+shared disk open the store themselves. Storage options never enter the store's header.
 """
 from __future__ import annotations
 
@@ -23,11 +27,14 @@ from typing import Any, Callable, ClassVar, Sequence
 import dask
 import numpy as np
 
-from multigrounding.cache.store import ShardedStore, remove_stale_partials, store_bytes, writer_lock
+from multigrounding.cache.location import Location, is_url, parse_storage_options
+from multigrounding.cache.store import (ShardedStore, remove_stale_partials, shown, store_bytes,
+                                        writer_lock)
 from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.pipeline.models import ModelKey, get_model
-from multigrounding.pipeline.scheduler import plan_workers, run_tasks
+from multigrounding.cache.location import STORAGE_OPTIONS_HELP
+from multigrounding.pipeline.scheduler import is_cluster_address, plan_workers, run_tasks
 from multigrounding.settings import setting
 
 log = logging.getLogger(__name__)
@@ -66,7 +73,7 @@ class ShardResult:
 class ExtractionSummary:
     """How an extraction went, for every kind: ``unit`` names its items (images, sequences)."""
 
-    cache: Path
+    cache: Path | Location          # the folder, or the object-store location
     unit: str
     items: int
     shards: int
@@ -103,12 +110,14 @@ class ShardJob:
 
     manifest: Path = setting(None, "The manifest to extract from.", kind="path", path="file",
                              required=True, cli=False)
-    cache: Path = setting(None, "The feature store to write (a folder).", kind="path", path="dir",
-                          required=True)
+    cache: str | Path = setting(None, "The feature store to write: a folder, or an object-store "
+                                "URL (s3://bucket/prefix).", kind="path", path="store",
+                                required=True)
     device: str = setting("auto", DEVICE_HELP, kind="str")
     scheduler: str = setting("distributed", SCHEDULER_HELP, kind="str")
     workers: int | None = setting(None, WORKERS_HELP, kind="int", minimum=1)
     overwrite: bool = setting(False, OVERWRITE_HELP, kind="bool")
+    storage_options: str | None = setting(None, STORAGE_OPTIONS_HELP, kind="str")
 
     def layout(self) -> Any:
         """Everything the manifest alone decides; refuses bad input before any work starts."""
@@ -142,9 +151,14 @@ class ShardJob:
         raise NotImplementedError
 
     @staticmethod
-    def task(store_path: str, shard: int, inputs: Any, key: ModelKey, batch_size: int) -> ShardResult:
+    def task(store: Location, shard: int, inputs: Any, key: ModelKey, batch_size: int) -> ShardResult:
         """Compute and write one whole shard (module-level, picklable; never raises)."""
         raise NotImplementedError
+
+
+def cache_location(job: ShardJob) -> Location:
+    """Where the job's store lives: its ``--cache`` with its ``--storage-options``."""
+    return Location.parse(job.cache, parse_storage_options(job.storage_options))
 
 
 def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = None
@@ -153,21 +167,30 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
     started = time.perf_counter()
     layout = job.layout()
     ids = job.item_ids(layout)
-    device = resolve_device(job.device)
-    plan = plan_workers(job.scheduler, job.workers, device)
-    key = job.model_key(device, plan.torch_threads)
-    model = get_model(key)  # fails fast on a bad name or missing weights, before any work
+    if is_cluster_address(job.scheduler):
+        # The workers' machines are not this one: each resolves the device (auto: its GPU if it
+        # has one) and its torch threads itself; here the model is only built to check it.
+        plan = plan_workers(job.scheduler, job.workers, job.device)
+        key = job.model_key(job.device, plan.torch_threads)
+        model = get_model(job.model_key("cpu", plan.torch_threads))
+    else:
+        device = resolve_device(job.device)
+        plan = plan_workers(job.scheduler, job.workers, device)
+        key = job.model_key(device, plan.torch_threads)
+        model = get_model(key)  # fails fast on a bad name or missing weights, before any work
     job.preflight(model, layout)
     config = job.store_config(model, layout)
-    check_cache_location(job.cache, job.manifest, job.input_files(layout))
-    with writer_lock(job.cache):
-        store, resumed = job.store_class.create_or_resume(job.cache, config, layout, job.overwrite)
+    location = cache_location(job)
+    where = shown(location)
+    check_cache_location(location, job.manifest, job.input_files(layout))
+    with writer_lock(location) as lock:
+        store, resumed = job.store_class.create_or_resume(location, config, layout, job.overwrite)
         if resumed:
-            removed = remove_stale_partials(job.cache)
-            log.info("resuming %s (%d stale partial files removed)", job.cache, removed)
+            removed = remove_stale_partials(location)
+            log.info("resuming %s (%d stale partial files removed)", where, removed)
         done = store.done_shards()
         pending = [int(s) for s in np.flatnonzero(~done)]
-        summary = ExtractionSummary(job.cache, job.unit, len(ids), store.num_shards,
+        summary = ExtractionSummary(where, job.unit, len(ids), store.num_shards,
                                     int(done.sum()), counts=job.counts(layout))
         finished = store.items_in(np.flatnonzero(done))
         if progress is not None:
@@ -175,6 +198,7 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
 
         def on_result(result: ShardResult) -> None:
             nonlocal finished
+            lock.check()   # a run whose lock was taken over stops here
             _record(summary, store, ids, result)
             finished += result.items
             if progress is not None:
@@ -184,7 +208,7 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
             summary.failed_shards.append((pending[task_index], f"{type(exc).__name__}: {exc}"))
 
         tasks = [dask.delayed(job.task, pure=False, name=f"{job.unit}-shard-{s}")(
-                     str(job.cache), s, job.shard_inputs(layout, store.shard_slice(s)), key,
+                     location, s, job.shard_inputs(layout, store.shard_slice(s)), key,
                      job.batch_size)
                  for s in pending]
         try:
@@ -192,10 +216,10 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
         except KeyboardInterrupt:
             done_now = int(store.done_shards().sum())
             raise ExtractionInterrupted(
-                f"interrupted: {job.cache} keeps its {done_now} finished shards of "
+                f"interrupted: {where} keeps its {done_now} finished shards of "
                 f"{store.num_shards}; run the same command again to resume") from None
     summary.seconds = time.perf_counter() - started
-    summary.bytes = store_bytes(job.cache)
+    summary.bytes = store_bytes(location)
     return summary
 
 
@@ -205,20 +229,39 @@ def shard_failure(result: ShardResult, exc: Exception) -> None:
     result.disk_full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def check_cache_location(cache: Path, manifest: Path, inputs: Sequence[str]) -> None:
+def check_cache_location(cache: str | Path | Location, manifest: Path, inputs: Sequence[str]) -> None:
     """Refuse a cache folder that is, or contains, the dataset's folder or one of its images (a
-    cache inside the dataset's folder, such as data/flickr30k/cache, is fine)."""
-    cache = Path(cache).resolve()
+    cache inside the dataset's folder, such as data/flickr30k/cache, is fine). A cache on an
+    object store is refused when any image named by URL lies at or under its prefix (the
+    manifest itself is a local file, so the folder rule is about local caches only)."""
+    location = Location.parse(cache)
+    if not location.is_local:
+        prefix = location.url.rstrip("/") + "/"
+        for image in inputs:
+            if is_url(image) and _normal_url(image).startswith(prefix):
+                raise CacheLocationError(f"{location}: holds images of the dataset (e.g. {image}); "
+                                         f"give the cache a prefix of its own")
+        return
+    cache = location.path.resolve()
     dataset = Path(manifest).resolve().parent
     if cache == dataset or cache in dataset.parents:
         raise CacheLocationError(f"{cache}: holds the dataset itself ({Path(manifest).name} is in "
                                  f"{dataset}); give the cache a folder of its own, e.g. "
                                  f"{dataset / 'cache' / Path(cache).name}")
     for image in inputs:
+        if is_url(image):
+            continue
         resolved = Path(image).resolve()
         if cache in resolved.parents:
             raise CacheLocationError(f"{cache}: holds images of the dataset (e.g. {image}); give the "
                                      f"cache a folder of its own")
+
+
+def _normal_url(url: str) -> str:
+    """A URL as Location writes its own: scheme lower-case, s3a is s3."""
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    return f"{'s3' if scheme == 's3a' else scheme}://{rest}"
 
 
 def _record(summary: ExtractionSummary, store: ShardedStore, ids: Sequence[str],

@@ -24,8 +24,11 @@ from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
 from multigrounding.cache.image_store import (FAILED, OK, ImageFeatureStore, ImageLayout,
                                               ImageStoreConfig, LevelInfo)
-from multigrounding.datasets.images import ImageProblem, load_rgb
+from multigrounding.cache.location import (Location, is_url,
+                                           parse_storage_options)
+from multigrounding.datasets.images import ImageProblem, check_url_access, load_rgb
 from multigrounding.datasets.manifest import read_manifest
+from multigrounding.devices import resolve_device
 from multigrounding.pipeline.driver import (ExtractionSummary, ShardJob, ShardResult, run_sharded,
                                              shard_failure)
 from multigrounding.pipeline.models import get_model
@@ -49,7 +52,8 @@ class BackboneKey:
     def build(self):
         from multigrounding.pipeline.backbones import create_backbone
 
-        return create_backbone(self.backbone, self.weights, seed=self.seed, device=self.device)
+        return create_backbone(self.backbone, self.weights, seed=self.seed,
+                               device=resolve_device(self.device))
 
 
 @dataclass
@@ -59,6 +63,10 @@ class ImageExtraction(ShardJob):
     unit: ClassVar[str] = "images"
     store_class: ClassVar[type] = ImageFeatureStore
 
+    manifest: Path = setting(None, "The manifest whose images to extract.", kind="path",
+                             path="file", required=True, cli=False)
+    cache: str = setting(None, "The feature store to write: a folder, or an object-store URL "
+                               "(s3://bucket/prefix).", kind="path", path="store", required=True)
     backbone: str = setting("efficientnet_lite0", "The frozen CNN.", kind="str",
                             registry="backbones")
     weights: str = setting("imagenet", "imagenet (the library's download and cache), random "
@@ -95,16 +103,31 @@ class ImageExtraction(ShardJob):
             shard_size=self.shard_size,
             versions={"multigrounding": __version__, **package_versions(VERSIONED_PACKAGES)})
 
+    def preflight(self, backbone, layout: ImageLayout) -> None:
+        """Unreadable images are recorded, not fatal; but images named by URL must be reachable
+        with the storage options (one request), or every one of them would fail."""
+        check_url_access(layout.paths, self.image_options(layout.paths))
+
     def input_files(self, layout: ImageLayout) -> list[str]:
         return layout.paths
 
-    def shard_inputs(self, layout: ImageLayout, rows: slice) -> list[str]:
-        return layout.paths[rows]
+    def image_options(self, paths: list[str]) -> dict:
+        """The storage options for images named by URL, as the workers get them: the endpoint
+        and region of the client's environment filled in for s3:// (``Location.parse``)."""
+        first = next((path for path in paths if is_url(path)), None)
+        if first is None:
+            return {}
+        return dict(Location.parse(first, parse_storage_options(self.storage_options)).storage_options)
+
+    def shard_inputs(self, layout: ImageLayout, rows: slice) -> tuple[list[str], dict]:
+        paths = layout.paths[rows]
+        return paths, self.image_options(paths)
 
     @staticmethod
-    def task(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
+    def task(store: Location, shard: int, inputs: tuple[list[str], dict], key: BackboneKey,
              batch_size: int) -> ShardResult:
-        return run_image_shard(store_path, shard, image_paths, key, batch_size)
+        image_paths, image_options = inputs
+        return run_image_shard(store, shard, image_paths, key, batch_size, image_options)
 
 
 def extract_images(job: ImageExtraction, progress=None) -> ExtractionSummary:
@@ -112,23 +135,26 @@ def extract_images(job: ImageExtraction, progress=None) -> ExtractionSummary:
     return run_sharded(job, progress)
 
 
-def run_image_shard(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
-                    batch_size: int) -> ShardResult:
-    """Extract and write one whole shard; never raises (errors come back in the result)."""
+def run_image_shard(store: Location | str, shard: int, image_paths: list[str], key: BackboneKey,
+                    batch_size: int, image_options: dict | None = None) -> ShardResult:
+    """Extract and write one whole shard; never raises (errors come back in the result).
+    ``store`` is where the store lives (a Location carries its storage options to the worker);
+    ``image_options`` are the storage options of images named by URL."""
     result = ShardResult(shard=shard, items=len(image_paths))
     try:
-        _extract_shard(store_path, shard, image_paths, key, batch_size, result)
+        _extract_shard(store, shard, image_paths, key, batch_size, result, image_options)
     except Exception as exc:  # report, so one bad shard does not stop the others
         log.error("shard %d failed: %s", shard, traceback.format_exc())
         shard_failure(result, exc)
     return result
 
 
-def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: BackboneKey,
-                   batch_size: int, result: ShardResult) -> None:
+def _extract_shard(store_path: Location | str, shard: int, image_paths: list[str], key: BackboneKey,
+                   batch_size: int, result: ShardResult, image_options: dict | None = None) -> None:
     import torch
 
     model = get_model(key)
+    device = resolve_device(key.device)    # "auto" on a cluster: this worker's GPU, if any
     spec = model.spec
     size, grid = spec.input_size, spec.grid
     count = len(image_paths)
@@ -138,13 +164,15 @@ def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: Bac
     sizes = np.zeros((count, 2), np.int32)
     batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(_read_batch, image_paths, batches[0], size) if batches else None
+        pending = reader.submit(_read_batch, image_paths, batches[0], size,
+                                image_options) if batches else None
         for index, rows in enumerate(batches):
             started = time.perf_counter()
             pixels, ok_rows, batch_sizes, problems = pending.result()
             result.read_seconds += time.perf_counter() - started
             if index + 1 < len(batches):
-                pending = reader.submit(_read_batch, image_paths, batches[index + 1], size)
+                pending = reader.submit(_read_batch, image_paths, batches[index + 1], size,
+                                        image_options)
             for row, reason in problems:
                 status[row], reasons[row] = FAILED, reason
                 result.failed.append((row, reason))
@@ -154,7 +182,7 @@ def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: Bac
                 continue
             started = time.perf_counter()
             with torch.inference_mode():
-                outputs = model(torch.from_numpy(pixels).to(key.device))
+                outputs = model(torch.from_numpy(pixels).to(device))
             for level, out in zip(features, outputs):
                 level[ok_rows] = out.to("cpu", torch.float16).numpy()
             result.compute_seconds += time.perf_counter() - started
@@ -167,12 +195,12 @@ def _extract_shard(store_path: str, shard: int, image_paths: list[str], key: Bac
     result.write_seconds = time.perf_counter() - started
 
 
-def _read_batch(image_paths: list[str], rows: range, size: int):
+def _read_batch(image_paths: list[str], rows: range, size: int, image_options: dict | None = None):
     """Decode a batch: (pixels [n_ok, S, S, 3], ok rows, (w, h) per row, [(row, reason)])."""
     pixels, ok_rows, sizes, problems = [], [], [], []
     for row in rows:
         try:
-            array, original = load_rgb(image_paths[row], size)
+            array, original = load_rgb(image_paths[row], size, image_options)
         except ImageProblem as exc:
             problems.append((row, f"{image_paths[row]}: {exc}"))
             sizes.append((0, 0))

@@ -3,14 +3,19 @@
 A task names its model by a key: a frozen, picklable dataclass with a ``build()`` method (a
 backbone's, a text encoder's). Each worker process builds a model once and reuses it for every
 shard it runs; under dask.distributed the cache is filled as the worker starts (``warmup``).
+
+A key's ``torch_threads`` of 0 leaves the count to the process: on a cluster the client cannot
+know the workers' machines, so each worker uses its own cores divided by its dask threads.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Hashable, Protocol
 
 _MODELS: dict[Hashable, Any] = {}
 _LOCK = threading.Lock()
+_WORKER_THREADS = [1]      # tasks this process runs at once (a dask worker's --nthreads)
 
 
 class ModelKey(Protocol, Hashable):
@@ -21,6 +26,24 @@ class ModelKey(Protocol, Hashable):
     def build(self) -> Any: ...
 
 
+def note_worker_threads(count: int) -> None:
+    """This process is a dask worker running ``count`` tasks at once (called as it starts)."""
+    _WORKER_THREADS[0] = max(1, int(count))
+
+
+def torch_threads(requested: int) -> int:
+    """``requested``, or for 0: ``OMP_NUM_THREADS`` when set (dask's nanny sets it to 1 in every
+    worker process it starts; several worker processes on one CPU host should share its cores
+    this way), else this machine's cores shared among the worker's task threads."""
+    if requested > 0:
+        return requested
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // _WORKER_THREADS[0])
+
+
 def get_model(key: ModelKey) -> Any:
     """The model for ``key``, built once per process (torch's thread count set first)."""
     with _LOCK:
@@ -28,7 +51,7 @@ def get_model(key: ModelKey) -> Any:
         if model is None:
             import torch
 
-            torch.set_num_threads(key.torch_threads)
+            torch.set_num_threads(torch_threads(key.torch_threads))
             model = key.build()
             _MODELS[key] = model
         return model

@@ -31,19 +31,28 @@ class Plan:
     torch_threads: int
 
 
+def is_cluster_address(scheduler: str) -> bool:
+    """Whether ``scheduler`` is the address of a running dask.distributed scheduler."""
+    return scheduler.startswith(("tcp://", "tls://", "ucx://"))
+
+
 def check_scheduler(scheduler: str) -> None:
     """Raise ValueError unless ``scheduler`` is a known name or a dask.distributed address."""
-    if scheduler not in SCHEDULERS and not scheduler.startswith(("tcp://", "tls://", "ucx://")):
+    if scheduler not in SCHEDULERS and not is_cluster_address(scheduler):
         raise ValueError(f"unknown scheduler {scheduler!r}: choose {', '.join(SCHEDULERS)} or a "
                          "dask.distributed address such as tcp://host:8786")
 
 
 def plan_workers(scheduler: str, workers: int | None, device: str) -> Plan:
-    """Workers and torch threads for the scheduler on this machine."""
+    """Workers and torch threads for the scheduler on this machine. A running cluster (an
+    address) has its own workers, on machines the client does not know: torch threads are then
+    0, each worker's cores over its task threads (``models.torch_threads``)."""
     check_scheduler(scheduler)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if scheduler == "synchronous":
         return Plan(scheduler, 1, cores)
+    if is_cluster_address(scheduler):
+        return Plan(scheduler, workers or 0, 0)
     if workers is None:
         workers = 1 if device.startswith("cuda") else max(1, cores // 4)
     return Plan(scheduler, workers, max(1, cores // workers))

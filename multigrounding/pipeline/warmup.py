@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from distributed import WorkerPlugin
 
+from multigrounding.pipeline.models import note_worker_threads
+
 
 class WarmModel(WorkerPlugin):
     """Calls ``loader(key)`` in each worker (the per-process model caches fill up front)."""
@@ -20,4 +22,5 @@ class WarmModel(WorkerPlugin):
         self.key = key
 
     def setup(self, worker) -> None:
+        note_worker_threads(worker.state.nthreads)   # torch threads = cores / task threads
         self.loader(self.key)
