@@ -160,12 +160,14 @@ class ImageFeatureStore(ShardedStore):
 
     def finish_shard(self, shard: int, status: np.ndarray, failures: list[str],
                      sizes: np.ndarray) -> None:
-        """Once the shard's levels are stored: its per-image records, then its done flag."""
+        """Once the shard's levels are stored: its per-image records, then its done flag (every
+        chunk written, even one equal to the fill value: a done shard has all its files)."""
         rows = self.shard_slice(shard)
-        self.group["status"][rows] = status
-        self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
-        self.group["original_size"][rows] = sizes
-        self.group["done"][shard] = 1
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.group["status"][rows] = status
+            self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
+            self.group["original_size"][rows] = sizes
+            self.group["done"][shard] = 1
 
     # ------------------------------------------------------------------ reading
     @property

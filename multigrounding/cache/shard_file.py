@@ -75,11 +75,10 @@ class ChunkCodec:
         return cls(stages, dtype)
 
     def encode(self, values: np.ndarray) -> Parts:
-        """One chunk's stored bytes, as buffers (the raw values are not copied when stored raw);
-        none for a chunk of zeros, which zarr does not store (it reads back as the fill value)."""
+        """One chunk's stored bytes, as buffers (the raw values are not copied when stored raw).
+        A chunk of zeros is stored too, as zarr does with ``write_empty_chunks`` (the stores'
+        strict readers take a chunk missing from a shard for lost data)."""
         values = np.ascontiguousarray(values, dtype=self.dtype)
-        if not values.any():
-            return ()
         parts: list = [values.reshape(-1).view(np.uint8)]
         for name, codec in self.stages:
             if name == "crc32c":
@@ -151,11 +150,10 @@ class ShardFile:
         """Store the next row's encoded chunk."""
         if self.next_row >= self.rows:
             raise IndexError(f"{self.key}: shard holds {self.rows} rows")
-        if parts:
-            length = sum(len(memoryview(p).cast("B")) for p in parts)
-            self.index.reshape(-1, 2)[self.next_row] = (self.offset, length)
-            self._write(parts)
-            self.offset += length
+        length = sum(len(memoryview(p).cast("B")) for p in parts)
+        self.index.reshape(-1, 2)[self.next_row] = (self.offset, length)
+        self._write(parts)
+        self.offset += length
         self.next_row += 1
 
     def finish(self) -> None:
