@@ -44,6 +44,7 @@ from multigrounding.cache.shard_file import ShardFile, UnsupportedLayout
 from multigrounding.datasets.images import ImageProblem, load_rgb
 from multigrounding.datasets.manifest import read_manifest
 from multigrounding.errors import MultigroundingError
+from multigrounding.pipeline.data_path import choose_codecs, raw_bytes
 from multigrounding.pipeline.driver import (ExtractionSummary, ShardJob, ShardResult, run_sharded,
                                              shard_failure)
 from multigrounding.pipeline.models import get_model
@@ -55,18 +56,6 @@ VERSIONED_PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite-pytorch
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODERS = ("pillow", "torchvision")
 AHEAD = 2   # batches decoded ahead of the forward, and batches of chunks in flight behind it
-
-# Which codec pays per level, decided from figures measured by benchmarks/bench_data_path.py
-# (bytes and CPU per image of each codec on real features: benchmarks/README.md, "Codec per
-# level") for the machine the README takes as typical of a GPU box, 16 cores and a 1 GB/s disk:
-# compress a level where the disk time it saves exceeds the CPU time it costs. A backbone not
-# listed gets zstd 1 everywhere.
-AUTO_CODECS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("none", "none", "none", "zstd1"),
-    "vgg16": ("zstd1", "zstd1", "zstd1", "zstd1"),
-    "pnasnet5large": ("zstd1", "zstd1", "zstd1", "zstd1"),
-}
-
 
 class ExtractionSettingError(MultigroundingError, ValueError):
     """An ``extract images`` setting that cannot be used."""
@@ -135,12 +124,18 @@ class ImageExtraction(ShardJob):
     def __post_init__(self):
         self.level_codecs(1)   # refuse a bad --codecs before any work
 
-    def level_codecs(self, levels: int, backbone: str | None = None) -> list[str]:
-        """The codec of each of ``levels`` levels that ``codecs`` asks for."""
+    def level_codecs(self, levels: int, backbone: str | None = None,
+                     grid_bytes: list[int] | None = None) -> list[str]:
+        """The codec of each of ``levels`` levels that ``codecs`` asks for (``auto``: what the
+        measured figures say pays on the reference GPU machine; ``data_path.choose_codecs``)."""
         backbone = backbone or self.backbone
         if self.codecs == "auto":
-            chosen = list(AUTO_CODECS.get(backbone, ("zstd1",) * levels))
-            return chosen if len(chosen) == levels else ["zstd1"] * levels
+            from multigrounding.pipeline.backbones import get_backbone_spec, list_backbones
+
+            if grid_bytes is None and levels > 1 and backbone in list_backbones():
+                spec = get_backbone_spec(backbone)
+                grid_bytes = raw_bytes(spec.grid, [lv.channels for lv in spec.levels])
+            return list(choose_codecs(backbone, levels, grid_bytes=grid_bytes))
         names = [name.strip() for name in str(self.codecs).split(",")]
         bad = [name for name in names if name not in LEVEL_CODECS]
         if bad:
@@ -184,7 +179,8 @@ class ImageExtraction(ShardJob):
             dtype="float16",
             shard_size=self.shard_size,
             versions={"multigrounding": __version__, **package_versions(VERSIONED_PACKAGES)},
-            codecs=self.level_codecs(len(spec.levels), spec.name),
+            codecs=self.level_codecs(len(spec.levels), spec.name,
+                                     raw_bytes(spec.grid, [lv.channels for lv in spec.levels])),
             compute_dtype=str(getattr(backbone, "compute_dtype", "float32")).removeprefix("torch."),
             decoder=self.decoder)
 
@@ -425,8 +421,9 @@ class _Levels:
         started = time.perf_counter()
         for file in self.files:
             file.finish()
+        written = time.perf_counter()
         self.store.finish_shard(self.shard, status, reasons, sizes)
-        self.clock.add(write=time.perf_counter() - started)
+        self.clock.add(write=written - started, records=time.perf_counter() - written)
 
     def discard(self) -> None:
         for future in self.in_flight:
