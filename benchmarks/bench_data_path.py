@@ -14,13 +14,13 @@ Two ratios, each measured side by side in every repeat (the arms alternated, the
    per core), and a plain sequential write of the same number of bytes to the same disk, one
    after the other. What it shows is the cost of the pipeline's own machinery: copies, casts,
    scheduling, shard assembly, waiting. Target >= 0.8.
-2. write throughput ÷ a plain sequential write: the bytes the pipeline's writer stored over the
-   seconds it spent storing them (1 worker), against one file written in 4 MiB blocks to the
-   same folder. Every arm starts after ``os.sync()`` (untimed), so none pays for the last one's
-   dirty pages; neither side waits for the disk unless ``--fsync`` (then every arm's time ends
-   with a timed ``os.sync()``: the disk's own speed). Target >= 0.8 for the
-   pnasnet-shaped features (9.4 MB an image raw), where writing dominates. The end-to-end rate
-   (bytes on disk ÷ the run's wall time) is printed beside it.
+2. write throughput ÷ a plain sequential write: the pipeline's bytes on disk over its wall time
+   (1 worker), against one file of the same size written in 4 MiB blocks to the same folder.
+   Both sides end with an fsync of what they wrote (timed: a disk's speed, not the page
+   cache's; ``--page-cache`` leaves it out), and every arm starts after an untimed ``os.sync()``
+   so that none pays for the last one's dirty pages. Target >= 0.8 for the pnasnet-shaped
+   features (9.4 MB an image raw), where writing dominates. The writer thread's own rate (bytes
+   ÷ the seconds it spent in write calls) is printed beside it.
 
 Also printed: per-stage seconds (decode, resize, cast, compress, write; summed over threads
 and workers, so CPU-like seconds), bytes per image on disk, and per level a codec table —
@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", default="1,2", help="worker processes to measure")
     p.add_argument("--codecs", default="auto", help="the pipeline's --codecs")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--fsync", action="store_true",
-                   help="end every arm with a timed os.sync(): the disk's speed, not the page cache's")
+    p.add_argument("--page-cache", dest="fsync", action="store_false",
+                   help="leave out the timed fsync that ends every arm (page-cache speed)")
     p.add_argument("--bank-photos", type=int, default=4, help="photos the real backbone runs once")
     p.add_argument("--workdir", type=Path, help="keep photos, banks and stores here")
     p.add_argument("--json", type=Path, help="also write every figure here")
@@ -174,7 +174,7 @@ def run_pipeline(manifest: Path, cache: Path, shape_of: str, bank: Path, rows: i
     with dask.config.set(pool=pool):
         summary = extract_images(job)
     if args.fsync:
-        os.sync()
+        fsync_tree(cache)
     seconds = time.perf_counter() - started
     if not summary.ok:
         raise RuntimeError(f"extraction failed: {summary.failed_items[:3]} {summary.failed_shards}")
@@ -199,6 +199,17 @@ def run_irreducible(pool, paths: list[str], size: int, bank: Path, codecs: list[
             "encode_cpu": sum(s for s, _ in encoded), "encoded_bytes": sum(b for _, b in encoded)}
 
 
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` (what the store wrote reaches the disk)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def plain_write(folder: Path, total: int, fsync: bool = False) -> float:
     """Seconds to write ``total`` bytes to one new file in ``folder`` in 4 MiB blocks (from a
     synced state; with ``fsync``, until they are on the disk)."""
@@ -213,8 +224,8 @@ def plain_write(folder: Path, total: int, fsync: bool = False) -> float:
             while view:
                 view = view[handle.write(view):]
             left -= min(left, BLOCK)
-    if fsync:
-        os.sync()
+        if fsync:
+            os.fsync(handle.fileno())
     seconds = time.perf_counter() - started
     target.unlink()
     return seconds
@@ -382,8 +393,9 @@ def report(results: list[dict], args) -> None:
             rows.append([r["backbone"], w] + [stages[s].fmt(".2f") for s in STAGES])
     print(table(["backbone", "workers", "decode", "resize", "forward (stand-in)", "cast", "compress",
                  "write (shard files)", "records + done"], rows))
-    print("\nwrite throughput (1 worker: bytes / seconds its writer spent writing; end to end: "
-          "bytes / the run's wall time) over a plain sequential write of the same bytes:")
+    print("\nwrite throughput over a plain sequential write of the same bytes (end to end: bytes on "
+          "disk / the run's wall time; writer: bytes / the seconds its thread spent in write calls)"
+          + (", every side ending with an fsync:" if args.fsync else ", page cache (no fsync):"))
     rows = []
     for r in results:
         for w in workers_list:
@@ -391,7 +403,7 @@ def report(results: list[dict], args) -> None:
             rows.append([r["backbone"], w, x["write_mb_s"].fmt(".0f"), r["plain_write_mb_s"].fmt(".0f"),
                          x["write_ratio"].fmt(".3f"), x["end_to_end_write_ratio"].fmt(".3f")])
     print(table(["backbone", "workers", "writer MB/s", "plain write MB/s", "writer / plain",
-                 "end to end / plain"], rows))
+                 "end to end / plain (judged)"], rows))
     print("\nper-core cost of the irreducible work (CPU ms an image):")
     print(table(["backbone", "decode + resize", "encode (chosen codecs + crc32c)"],
                 [[r["backbone"], r["per_core_ms"]["decode_resize"].fmt(".2f"),
@@ -438,8 +450,10 @@ def report(results: list[dict], args) -> None:
                           f">= {TARGET_MACHINERY}", x["ratio"].median >= TARGET_MACHINERY))
         x = r["workers"][workers_list[0]]
         if r["backbone"] == "pnasnet5large":
-            print(verdict(f"{r['backbone']}: write throughput / plain sequential write", x["write_ratio"],
-                          f">= {TARGET_WRITE}", x["write_ratio"].median >= TARGET_WRITE))
+            ratio = x["end_to_end_write_ratio"]
+            print(verdict(f"{r['backbone']}: write throughput / plain sequential write"
+                          + ("" if args.fsync else " (page cache)"), ratio,
+                          f">= {TARGET_WRITE}", ratio.median >= TARGET_WRITE))
 
 
 def _plain(value):

@@ -68,16 +68,17 @@ class _Hide(importlib.abc.MetaPathFinder):
         return spec
 
 
-def use_wheels(folder: Path = WHEELS) -> list[str]:
+def use_wheels(folder: Path = WHEELS, needed: tuple[str, ...] = NEEDED) -> list[str]:
     """Unpack the wheels in ``folder`` whose modules cannot be imported, and put them on
     ``sys.path``; returns the wheels used."""
     import importlib.util
 
+    folder = Path(folder)
     hidden = {n for n in os.environ.get("MG_GPU_CHECK_HIDE", "").split(",") if n}
     site = folder / f"site-{sys.version_info.major}.{sys.version_info.minor}"
     if hidden:
         sys.meta_path.insert(0, _Hide(hidden, [str(site)]))
-    missing = [name for name in NEEDED
+    missing = [name for name in needed
                if name in hidden or importlib.util.find_spec(name) is None]
     if not missing:
         return []
@@ -112,6 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", type=Path, help="keep data and stores here (default: a temp dir)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--wheels", type=Path, default=WHEELS,
+                   help="where gpu_wheels.sh put the wheels (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -515,7 +518,7 @@ def _precision(label: str, device: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    used = use_wheels()
+    used = use_wheels(args.wheels)
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(REPO))
     import torch
@@ -548,10 +551,13 @@ def main(argv=None) -> int:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     seconds = time.perf_counter() - started
+    origins = {name: getattr(sys.modules.get(name), "__file__", None) for name in NEEDED}
+    print(f"  modules: " + ", ".join(f"{name} from {Path(path).parent.parent if path else '-'}"
+                                     for name, path in origins.items()))
     print(table(["check", "figure", "detail"], [[r["check"], r["figure"], r["detail"]] for r in rows]))
     print(f"gpu_check: {len(rows)} rows in {seconds:.0f} s on {device}")
     args.out.write_text(json.dumps({"machine": machine_line(), "device": device, "smoke": args.smoke,
-                                    "seconds": seconds, "wheels": used, "rows": rows}, indent=1))
+                                    "seconds": seconds, "wheels": used, "modules": origins, "rows": rows}, indent=1))
     return 0
 
 

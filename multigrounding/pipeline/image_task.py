@@ -313,7 +313,10 @@ class _TorchvisionBatch:
 
 
 def _decode_torchvision(paths: list[str], rows: range, size: int, clock: _Clock, device: str) -> _Batch:
+    import warnings
+
     import torch
+
     from torchvision.io import ImageReadMode, decode_jpeg
 
     started = time.perf_counter()
@@ -330,15 +333,18 @@ def _decode_torchvision(paths: list[str], rows: range, size: int, clock: _Clock,
         if data[:3] == b"\xff\xd8\xff":
             jpegs[row] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     if jpegs:
-        try:
-            decoded = decode_jpeg(list(jpegs.values()), mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:              # one bad file fails the batch: try them one by one
-            decoded = []
-            for data in jpegs.values():
-                try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    decoded.append(None)
+        # torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they still work
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg(list(jpegs.values()), mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:          # one bad file fails the batch: try them one by one
+                decoded = []
+                for data in jpegs.values():
+                    try:
+                        decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                    except RuntimeError:
+                        decoded.append(None)
         for row, image in zip(jpegs, decoded):
             if image is not None:
                 images[row] = image
@@ -353,7 +359,7 @@ def _decode_torchvision(paths: list[str], rows: range, size: int, clock: _Clock,
         if isinstance(value, ImageProblem):
             problems.append((row, f"{paths[row]}: {value}"))
             continue
-        resized[row] = torch.from_numpy(value[0]).to(device)
+        resized[row] = torch.tensor(value[0], device=device)
         sizes[row] = value[1]
     ok_rows = [row for row in rows if row in resized]
     pixels = (torch.stack([resized[row] for row in ok_rows]) if ok_rows
