@@ -87,6 +87,27 @@ def test_codecs_per_level_are_stored_checked_and_part_of_the_fingerprint(synth, 
     assert short.exit_code != 0 and "2 codecs for 4 levels" in short.output
 
 
+def test_a_layout_the_streamed_writer_does_not_take_goes_through_zarr_with_the_same_bytes(
+        tmp_path, monkeypatch):
+    from multigrounding.cache.shard_file import UnsupportedLayout
+    from multigrounding.pipeline import image_task
+
+    generate_synth(tmp_path / "data", 5, seed=4, size=64)
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    lines[2] = lines[2].replace(".jpg", "-gone.jpg")               # a failed image: zero rows
+    manifest.write_text("\n".join(lines) + "\n")
+    assert extract(manifest, tmp_path / "streamed").exit_code == 1
+
+    def refuse(*args, **kwargs):
+        raise UnsupportedLayout("as a layout the writer does not handle")
+
+    monkeypatch.setattr(image_task, "ShardFile", refuse)
+    assert extract(manifest, tmp_path / "zarr").exit_code == 1
+    assert snapshot(tmp_path / "streamed") == snapshot(tmp_path / "zarr")
+    assert CliRunner().invoke(main, ["cache", "verify", str(tmp_path / "zarr")]).exit_code == 0
+
+
 def test_a_flipped_bit_in_an_uncompressed_level_is_still_caught(synth, tmp_path):
     assert extract(synth, tmp_path / "a", "--codecs", "none").exit_code == 0
     shard = tmp_path / "a" / "visual" / "level1" / "c" / "0" / "0" / "0" / "0"

@@ -417,10 +417,7 @@ class _Levels:
     def finish(self, status: np.ndarray, reasons: list[str], sizes: np.ndarray) -> None:
         if self.arrays is not None:
             started = time.perf_counter()
-            # A shard's chunks are never all fill value worth skipping, and checking each one
-            # for it (zarr's default) was ~40 % of the write time (benchmarks/README.md).
-            with zarr.config.set({"array.write_empty_chunks": True}):
-                self.store.write_shard(self.shard, self.arrays, status, reasons, sizes)
+            self.store.write_shard(self.shard, self.arrays, status, reasons, sizes)
             self.clock.add(write=time.perf_counter() - started)
             return
         self.wait(0)
@@ -476,7 +473,11 @@ def _extract_shard(store_path: str, shard: int, inputs: ShardInputs, key: Backbo
             return _TorchvisionBatch(pools, paths, rows, size, clock, key.device)
         return _PillowBatch(pools, paths, rows, size, clock)
 
-    store = ImageFeatureStore.open(store_path, mode="r+")
+    # A shard's chunks are never all fill value worth skipping, and checking each one for it
+    # (zarr's default) was ~40 % of the write time (benchmarks/README.md); arrays keep the
+    # setting they were opened with.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        store = ImageFeatureStore.open(store_path, mode="r+")
     levels = _Levels(store, shard, count, spec, pools, clock)
     pending = collections.deque(decode(rows) for rows in batches[:AHEAD])
     try:
