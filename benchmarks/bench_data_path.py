@@ -61,6 +61,7 @@ CODECS = ("none", "lz4", "zstd1")
 REFERENCE = {"cores": 16, "disk_bytes_per_s": 1e9}   # the README's GPU machine (an estimate)
 BLOCK = 4 << 20
 STAGES = ("decode", "resize", "forward", "cast", "compress", "write", "records")
+CPU_STAGES = ("decode_cpu", "resize_cpu", "compress_cpu", "write_cpu")
 
 
 def parse_args(argv=None):
@@ -358,7 +359,7 @@ def bench_backbone(shape_of: str, root: Path, args, photos_manifest: Path) -> di
             "ratio": Stat([irr / x["seconds"] for irr, x in zip(irreducible, arm)]),
             "bytes_per_image": arm[-1]["bytes"] / count,
             "stages": {stage: Stat([x["stages"].get(stage, 0.0) for x in arm])
-                       for stage in STAGES},
+                       for stage in STAGES + CPU_STAGES},
             "write_ratio": Stat([x["bytes"] / x["stages"]["write"] / (x["bytes"] / irr_run["write"])
                                  for x, irr_run in zip(arm, runs["irreducible"])]),
             "end_to_end_write_ratio": Stat([x["bytes"] / x["seconds"] / (x["bytes"] / irr_run["write"])
@@ -385,7 +386,8 @@ def report(results: list[dict], args) -> None:
                          f"{x['bytes_per_image'] / 1e6:.2f}", f"{r['raw_per_image'] / 1e6:.2f}"])
     print(table(["backbone", "codecs", "workers", "pipeline img/s", "irreducible img/s",
                  "pipeline / irreducible", "MB/image on disk", "MB/image raw"], rows))
-    print("\nper-stage seconds of one run (summed over threads and workers):")
+    print("\nper-stage wall seconds of one run (summed over threads and workers; under other load "
+          "a thread's wall time includes waiting for a core):")
     rows = []
     for r in results:
         for w in workers_list:
@@ -393,6 +395,16 @@ def report(results: list[dict], args) -> None:
             rows.append([r["backbone"], w] + [stages[s].fmt(".2f") for s in STAGES])
     print(table(["backbone", "workers", "decode", "resize", "forward (stand-in)", "cast", "compress",
                  "write (shard files)", "records + done"], rows))
+    print("\nper-stage CPU ms per image inside the pipeline (its threads' CPU time) against the same "
+          "work alone in a tight loop:")
+    rows = []
+    for r in results:
+        for w in workers_list:
+            stages, n = r["workers"][w]["stages"], r["images"]
+            rows.append([r["backbone"], w] + [f"{stages[s].median / n * 1e3:.2f}" for s in CPU_STAGES]
+                        + [r["per_core_ms"]["decode_resize"].fmt(".2f"), r["per_core_ms"]["encode"].fmt(".2f")])
+    print(table(["backbone", "workers", "decode", "resize", "compress", "write", "alone: decode + resize",
+                 "alone: encode"], rows))
     print("\nwrite throughput over a plain sequential write of the same bytes (end to end: bytes on "
           "disk / the run's wall time; writer: bytes / the seconds its thread spent in write calls)"
           + (", every side ending with an fsync:" if args.fsync else ", page cache (no fsync):"))
