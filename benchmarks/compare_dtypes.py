@@ -36,7 +36,7 @@ def run(out: Path, dtype: str, quick: bool, device: str) -> dict:
     started = time.perf_counter()
     with mock.patch.object(demo, "ImageExtraction", functools.partial(ImageExtraction, dtype=dtype)):
         summary = demo.run_demo(out / dtype, quick, device=device)
-    return {"dtype": dtype, "root": summary.root, "metrics": summary.metrics,
+    return {"dtype": dtype, "root": summary.out, "metrics": summary.metrics,
             "seconds": time.perf_counter() - started}
 
 
