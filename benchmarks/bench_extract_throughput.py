@@ -255,12 +255,13 @@ def bench_backbone(name: str, weights: str, images: int, root: Path, args) -> di
 
     from multigrounding.datasets.images import load_rgb
     from multigrounding.datasets.manifest import read_manifest
-    from multigrounding.pipeline.image_task import ModelKey, get_backbone
+    from multigrounding.pipeline.image_task import BackboneKey
+    from multigrounding.pipeline.models import get_model
     from multigrounding.pipeline.scheduler import plan_workers
 
     manifest = synth_manifest(root, images, args.image_size)
     plan = plan_workers(args.scheduler, 1, "cpu")
-    model = get_backbone(ModelKey(name, weights, 0, "cpu", plan.torch_threads))  # the pipeline's own
+    model = get_model(BackboneKey(name, weights, 0, "cpu", plan.torch_threads))  # the pipeline's own
     size = model.spec.input_size
     paths = [r.image for r in read_manifest(manifest)]
     decoded = np.stack([load_rgb(p, size)[0] for p in paths])
