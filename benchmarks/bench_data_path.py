@@ -145,7 +145,7 @@ def _bank_and_encoders(bank: str, codecs: list[str]):
         with np.load(bank) as data:
             levels = [data[f"level{k}"] for k in range(len(codecs))]
         encoders = []
-        for level, codec in zip(levels, codecs):
+        for codec in codecs:
             dicts = [{"name": "bytes", "configuration": {"endian": "little"}}]
             dicts += [c.to_dict() for c in level_compressors(codec)]
             encoders.append(ChunkCodec.from_codecs(dicts, np.dtype("float16")).encode)

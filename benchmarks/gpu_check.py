@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -550,14 +551,22 @@ def main(argv=None) -> int:
                           ("dtypes", lambda: check_dtypes(sizes, device, photos)),
                           ("training", lambda: check_training(root, sizes, device))):
             part_started = time.perf_counter()
-            rows.extend(run())
+            try:
+                rows.extend(run())
+            except Exception as exc:  # noqa: BLE001 — one part failing must not lose the others
+                if args.smoke:
+                    raise
+                traceback.print_exc()
+                rows.append({"check": f"{part}: FAILED", "figure": type(exc).__name__,
+                             "detail": str(exc).splitlines()[0][:200] if str(exc) else "",
+                             "value": float("nan")})
             print(f"  {part}: {time.perf_counter() - part_started:.0f} s", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     seconds = time.perf_counter() - started
     origins = {name: getattr(sys.modules.get(name), "__file__", None) for name in NEEDED}
-    print(f"  modules: " + ", ".join(f"{name} from {Path(path).parent.parent if path else '-'}"
+    print("  modules: " + ", ".join(f"{name} from {Path(path).parent.parent if path else '-'}"
                                      for name, path in origins.items()))
     print(table(["check", "figure", "detail"], [[r["check"], r["figure"], r["detail"]] for r in rows]))
     print(f"gpu_check: {len(rows)} rows in {seconds:.0f} s on {device}")

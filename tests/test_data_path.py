@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 from click.testing import CliRunner
 from conftest import write_image, write_jsonl, write_truncated_jpeg
-from PIL import Image
 
 from multigrounding.cache.image_store import OK, ImageFeatureStore
 from multigrounding.cli import main

@@ -344,12 +344,12 @@ def _decode_torchvision(paths: list[str], rows: range, size: int, clock: _Clock,
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
                 decoded = decode_jpeg(list(jpegs.values()), mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:          # one bad file fails the batch: try them one by one
+            except Exception:  # noqa: BLE001 — one bad file fails the batch: one by one, then Pillow
                 decoded = []
                 for data in jpegs.values():
                     try:
                         decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                    except RuntimeError:
+                    except Exception:  # noqa: BLE001 — Pillow decides below, with its reason
                         decoded.append(None)
         for row, image in zip(jpegs, decoded):
             if image is not None:
