@@ -520,7 +520,7 @@ def _extract_shard(store_path: str, shard: int, inputs: ShardInputs, key: Backbo
                         pixels = pixels.pin_memory().to(key.device, non_blocking=True)
                 with torch.inference_mode():
                     outputs = model(pixels)
-                    if key.dtype == "float16":
+                    if getattr(key, "dtype", None) == "float16":
                         _check_finite(outputs, spec.name, shard)
                 forward = time.perf_counter()
                 with torch.inference_mode():   # float16 on the device: half the bytes to copy
