@@ -979,9 +979,17 @@ def cache() -> None:
 @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
               type=RegistryChoice("backbone", _backbone_names))
-@click.option("--cache", help="Where the cache would go (a folder: the free space there is shown).")
-def cache_plan(manifest, backbone, cache) -> None:
-    """Print how large the visual cache of MANIFEST will be, before starting.
+@click.option("--codecs", default="auto", show_default=True,
+              help="As for extract images: auto, none, lz4, zstd1, or one per level.")
+@click.option("--cache", help="Where the cache would go: a folder (to show the free space there and "
+                             "measure its disk) or a URL.")
+def cache_plan(manifest, backbone, codecs, cache) -> None:
+    """Print how large the visual cache of MANIFEST will be and how long its data path will
+    take on this machine, before starting.
+
+    Decoding is measured on a few of the manifest's images, the disk (with --cache) by a short
+    write that reaches it; compression ratios and costs are the measured figures behind
+    --codecs auto (benchmarks/README.md). The backbone's forward comes on top.
 
     \b
     Example:
@@ -990,9 +998,12 @@ def cache_plan(manifest, backbone, cache) -> None:
     from multigrounding.cache.info import plan_size
     from multigrounding.datasets.manifest import read_manifest
     from multigrounding.pipeline.backbones import get_backbone_spec
+    from multigrounding.pipeline.data_path import estimate
+    from multigrounding.pipeline.image_task import ImageExtraction
 
     spec = get_backbone_spec(backbone)
-    count = sum(1 for _ in read_manifest(manifest))
+    records = list(read_manifest(manifest))
+    count = len(records)
     plan = plan_size(count, spec.grid, [lv.channels for lv in spec.levels], cache)
     click.echo(f"{manifest}: {plan.images} images")
     click.echo(f"{backbone}: {len(spec.levels)} levels at {spec.grid}x{spec.grid} "
@@ -1000,9 +1011,36 @@ def cache_plan(manifest, backbone, cache) -> None:
                f"input {spec.input_size}x{spec.input_size}")
     click.echo(f"  {plan.bytes_per_image / 1e6:.3f} MB per image in float16; "
                f"{_size(plan.total_bytes)} before compression")
+    chosen = ImageExtraction(manifest=manifest, cache=cache or Path("cache"), backbone=backbone,
+                             codecs=codecs).level_codecs(len(spec.levels))
+    guess = estimate([r.image for r in records], backbone, spec.grid,
+                     [lv.channels for lv in spec.levels], spec.input_size, chosen, cache)
+    if guess.figures_known:
+        click.echo(f"  stored with {','.join(chosen)}: about {guess.bytes_per_image / 1e6:.3f} MB per "
+                   f"image, {_size(int(guess.total_bytes))} in all (measured compression ratios)")
+    else:
+        click.echo(f"  stored with {','.join(chosen)}: no measured ratios for {backbone}; count on "
+                   f"up to the size before compression")
     if plan.free_bytes is not None:
-        verdict = "enough" if plan.free_bytes > plan.total_bytes else "NOT enough"
+        verdict = "enough" if plan.free_bytes > guess.total_bytes else "NOT enough"
         click.echo(f"  {_size(plan.free_bytes)} free at {cache}: {verdict}")
+    decode = (f"{guess.decode_ms:.1f} ms per image (measured now on {guess.decode_sample} of its images)"
+              if guess.decode_ms is not None else "not measured (no image could be read)")
+    disk = (f"{guess.disk_bytes_per_s / 1e6:.0f} MB/s (measured now at {cache})"
+            if guess.disk_bytes_per_s else "not measured (give --cache)")
+    click.echo(f"  data path on this machine ({guess.cores} cores): decode + resize {decode}; "
+               f"compression {guess.encode_ms:.1f} ms per image (measured figures); disk {disk}")
+    seconds, limit = guess.seconds()
+    click.echo(f"  estimate: {_duration(seconds)} for the data path ({count / max(seconds, 1e-9):.0f} "
+               f"images/s, limited by the {limit}), plus the backbone's forward")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @cache.command("info")

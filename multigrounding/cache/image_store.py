@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
 from multigrounding.cache.store import (CacheDamagedError, Header, ShardedStore, VerifyReport,
                                         compressors, read_rows)
 
@@ -28,6 +30,21 @@ PENDING, OK, FAILED = 0, 1, 2
 # zstd 1, not 3: on these features it is both faster and smaller (2.46x vs 2.38x on synthetic
 # images, 2.64x vs 2.54x on photos; benchmarks/README.md)
 ZSTD_LEVEL = 1
+# What a visual level can be stored with; every one ends in a crc32c checksum per chunk (format 2).
+# "lz4" is blosc's lz4 after a byte shuffle of the float16 values (zarr v3 has no bare lz4 codec;
+# tensorstore reads blosc). Which pays depends on the machine: benchmarks/bench_data_path.py.
+LEVEL_CODECS = ("none", "lz4", "zstd1")
+
+
+def level_compressors(codec: str) -> tuple:
+    """The zarr compressors of a visual level stored with ``codec`` (one of LEVEL_CODECS)."""
+    if codec == "none":
+        return (Crc32cCodec(),)
+    if codec == "lz4":
+        return (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2), Crc32cCodec())
+    if codec == "zstd1":
+        return compressors(1)
+    raise ValueError(f"unknown level codec {codec!r}: choose {', '.join(LEVEL_CODECS)}")
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,10 @@ class ImageStoreConfig:
     """A visual store's config, as its header records it (``to_json`` keeps the key order, so
     the header's bytes do not change). ``weights`` is the backbone's weights record:
     ``weights`` (imagenet | random | file), ``record``, ``source``, ``sha256``, ``seed``,
-    ``normalisation`` and, for downloaded files, ``file``."""
+    ``normalisation`` and, for downloaded files, ``file``. The last three keys are absent from
+    stores made before they existed (zstd 1 or 3 on every level, float32, Pillow): ``codecs``
+    (one of LEVEL_CODECS per level), ``compute_dtype`` (the backbone's, before float16) and
+    ``decoder`` (pillow | torchvision)."""
 
     manifest_path: str
     manifest: dict                  # {"sha256": ..., "images": N}
@@ -58,6 +78,9 @@ class ImageStoreConfig:
     dtype: str
     shard_size: int
     versions: dict
+    codecs: list[str] | None = None
+    compute_dtype: str | None = None
+    decoder: str | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> "ImageStoreConfig":
@@ -65,11 +88,15 @@ class ImageStoreConfig:
         return cls(**fields)
 
     def to_json(self) -> dict:
-        return {"manifest_path": self.manifest_path, "manifest": self.manifest,
+        data = {"manifest_path": self.manifest_path, "manifest": self.manifest,
                 "backbone": self.backbone, "weights": self.weights,
                 "levels": [dataclasses.asdict(level) for level in self.levels],
                 "grid": self.grid, "input_size": self.input_size, "resize": self.resize,
                 "dtype": self.dtype, "shard_size": self.shard_size, "versions": self.versions}
+        for key in ("codecs", "compute_dtype", "decoder"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
 
     @property
     def manifest_sha256(self) -> str:
@@ -129,10 +156,18 @@ class ImageFeatureStore(ShardedStore):
         rows = self.shard_slice(shard)
         for level, values in zip(self.levels, features):
             level[rows] = values
-        self.group["status"][rows] = status
-        self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
-        self.group["original_size"][rows] = sizes
-        self.group["done"][shard] = 1
+        self.finish_shard(shard, status, failures, sizes)
+
+    def finish_shard(self, shard: int, status: np.ndarray, failures: list[str],
+                     sizes: np.ndarray) -> None:
+        """Once the shard's levels are stored: its per-image records, then its done flag (every
+        chunk written, even one equal to the fill value: a done shard has all its files)."""
+        rows = self.shard_slice(shard)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.group["status"][rows] = status
+            self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
+            self.group["original_size"][rows] = sizes
+            self.group["done"][shard] = 1
 
     # ------------------------------------------------------------------ reading
     @property
@@ -205,11 +240,13 @@ def _allocate(group: zarr.Group, config: ImageStoreConfig, ids: list[str]) -> No
     n, grid, shard = len(ids), config.grid, config.shard_size
     shards = -(-n // shard)
     visual = group.create_group("visual")
-    for k, level in enumerate(config.levels):
+    codecs = config.codecs or [None] * len(config.levels)
+    for k, (level, codec) in enumerate(zip(config.levels, codecs)):
         shape = (n, grid, grid, level.channels)
         visual.create_array(f"level{k}", shape=shape, dtype="float16",
                             chunks=(1,) + shape[1:], shards=(shard,) + shape[1:],
-                            compressors=compressors(ZSTD_LEVEL), fill_value=0)
+                            compressors=level_compressors(codec) if codec else compressors(ZSTD_LEVEL),
+                            fill_value=0)
     small = compressors(ZSTD_LEVEL)
     group.create_array("image_ids", shape=(n,), dtype=str, chunks=(max(n, 1),), compressors=small)
     group["image_ids"][:] = np.array(ids, dtype=object).astype(str)

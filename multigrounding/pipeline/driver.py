@@ -67,6 +67,7 @@ class ShardResult:
     read_seconds: float = 0.0
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)   # a kind's own stage seconds (decode, ...)
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ExtractionSummary:
     compute_seconds: float = 0.0
     write_seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)   # the kind's own totals (captions, ...)
+    stages: dict[str, float] = field(default_factory=dict)  # summed ShardResult.stages
 
     @property
     def ok(self) -> bool:
@@ -271,6 +273,8 @@ def _record(summary: ExtractionSummary, store: ShardedStore, ids: Sequence[str],
     summary.read_seconds += result.read_seconds
     summary.compute_seconds += result.compute_seconds
     summary.write_seconds += result.write_seconds
+    for stage, seconds in result.stages.items():
+        summary.stages[stage] = summary.stages.get(stage, 0.0) + seconds
     if result.error is not None:
         summary.failed_shards.append((result.shard, result.error))
         summary.disk_full = summary.disk_full or result.disk_full

@@ -158,7 +158,21 @@ class Backbone(nn.Module):
             net.get_submodule(level.module).register_forward_hook(tap)
             self._taps.append(tap)
         net.requires_grad_(False)
+        self.compute_dtype = torch.float32
+        self.channels_last = False
         self.eval()
+
+    def set_precision(self, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> "Backbone":
+        """Run the network in ``dtype`` (float32, bfloat16 or float16: 2-4x faster on GPUs with
+        tensor cores), with NHWC activations if ``channels_last`` (what those kernels want).
+        Inputs are normalised in float32 and the taps come back as float32 either way."""
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute dtype must be float32, bfloat16 or float16, not {dtype}")
+        self.net.to(dtype=dtype)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.compute_dtype, self.channels_last = dtype, channels_last
+        return self
 
     def train(self, mode: bool = True) -> "Backbone":
         """Always eval: the backbone is frozen (batch-norm statistics and dropout included)."""
@@ -172,7 +186,8 @@ class Backbone(nn.Module):
         return f"name={self.spec.name!r}, weights={self.weights_info.get('weights')!r}"
 
     def prepare(self, images) -> torch.Tensor:
-        """uint8 ``[B, S, S, 3]`` RGB (tensor or numpy array) → normalised float32 ``[B, 3, S, S]``."""
+        """uint8 ``[B, S, S, 3]`` RGB (tensor or numpy array) → normalised ``[B, 3, S, S]`` in the
+        compute dtype (float32 unless ``set_precision`` said otherwise)."""
         if not isinstance(images, torch.Tensor):
             try:
                 images = torch.as_tensor(images)
@@ -187,7 +202,10 @@ class Backbone(nn.Module):
                 f"{self.spec.name} takes images of shape [B, {size}, {size}, 3] (resized to its "
                 f"input size {size}), got {list(images.shape)}")
         x = images.to(self.device).permute(0, 3, 1, 2).float()
-        return (x * self.normalisation.scale - self._mean) / self._std
+        x = (x * self.normalisation.scale - self._mean) / self._std
+        if self.compute_dtype != torch.float32:
+            x = x.to(self.compute_dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @torch.inference_mode()
     def forward_taps(self, images) -> list[torch.Tensor]:
