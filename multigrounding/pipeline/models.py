@@ -45,13 +45,18 @@ def torch_threads(requested: int) -> int:
 
 
 def get_model(key: ModelKey) -> Any:
-    """The model for ``key``, built once per process (torch's thread count set first)."""
+    """The model for ``key``, built once per process. Torch's thread count is set to the key's
+    on every call, not only when the model is built: float sums (a convolution's) may be split
+    differently with another count, so a shard computed after other work in the same process
+    (another key, a library that set its own count) must still give the same bytes."""
+    import torch
+
     with _LOCK:
+        threads = torch_threads(key.torch_threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         model = _MODELS.get(key)
         if model is None:
-            import torch
-
-            torch.set_num_threads(torch_threads(key.torch_threads))
             model = key.build()
             _MODELS[key] = model
         return model
