@@ -420,8 +420,7 @@ def extract_images_command(manifest, show, **options) -> None:
 
     _check_scheduler(options["scheduler"])
     job = ImageExtraction(manifest=manifest, **options)
-    with _progress("images") as bar:
-        summary = extract_images(job, progress=_counter(bar))
+    summary = _run_extraction(extract_images, job, "images")
     _echo_extraction(summary, show)
     if not summary.ok:
         sys.exit(1)
@@ -444,11 +443,25 @@ def extract_text_command(manifest, **options) -> None:
 
     _check_scheduler(options["scheduler"])
     job = TextExtraction(manifest=manifest, **options)
-    with _progress("sequences") as bar:
-        summary = extract_text(job, progress=_counter(bar))
+    summary = _run_extraction(extract_text, job, "sequences")
     _echo_extraction(summary, 20)
     if not summary.ok:
         sys.exit(1)
+
+
+def _run_extraction(extract, job, unit: str):
+    """Run ``extract(job)`` with a progress bar. Ctrl-C while the shards run is reported by the
+    driver (how many it keeps); one that lands just before or after them gets the same line."""
+    from multigrounding.pipeline.driver import ExtractionInterrupted
+
+    try:
+        with _progress(unit) as bar:
+            return extract(job, progress=_counter(bar))
+    except ExtractionInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted: {job.cache} keeps its finished shards; run the "
+                                   f"same command again to resume") from None
 
 
 def _check_scheduler(scheduler: str) -> None:
