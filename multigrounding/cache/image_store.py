@@ -23,7 +23,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from multigrounding.cache.store import (CacheDamagedError, Header, ShardedStore, VerifyReport,
-                                        compressors, read_rows)
+                                        compressors, every_chunk, read_rows)
 
 KIND = "images"
 PENDING, OK, FAILED = 0, 1, 2
@@ -155,7 +155,7 @@ class ImageFeatureStore(ShardedStore):
         """Write every array's part of one shard, then its done flag (worker side)."""
         rows = self.shard_slice(shard)
         for level, values in zip(self.levels, features):
-            level[rows] = values
+            every_chunk(level)[rows] = values
         self.finish_shard(shard, status, failures, sizes)
 
     def finish_shard(self, shard: int, status: np.ndarray, failures: list[str],
@@ -163,11 +163,10 @@ class ImageFeatureStore(ShardedStore):
         """Once the shard's levels are stored: its per-image records, then its done flag (every
         chunk written, even one equal to the fill value: a done shard has all its files)."""
         rows = self.shard_slice(shard)
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            self.group["status"][rows] = status
-            self.group["failure"][rows] = np.array(failures, dtype=object).astype(str)
-            self.group["original_size"][rows] = sizes
-            self.group["done"][shard] = 1
+        every_chunk(self.group["status"])[rows] = status
+        every_chunk(self.group["failure"])[rows] = np.array(failures, dtype=object).astype(str)
+        every_chunk(self.group["original_size"])[rows] = sizes
+        every_chunk(self.group["done"])[shard] = 1
 
     # ------------------------------------------------------------------ reading
     @property

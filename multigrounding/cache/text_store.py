@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 
 from multigrounding.cache.store import (CacheDamagedError, Header, ShardedStore, VerifyReport,
-                                        compressors, read_rows)
+                                        compressors, every_chunk, read_rows)
 
 KIND = "text"
 PHRASE_FIELDS = ("record", "index", "caption", "start", "length")
@@ -168,10 +168,11 @@ class TextFeatureStore(ShardedStore):
         rows = self.shard_slice(shard)
         first = int(self.group["captions/start"][rows.start])
         if len(words):
-            self.tokens[first:first + len(words)] = tokens
-            self.group["words"][first:first + len(words)] = np.array(words, dtype=object).astype(str)
-        self.sentence[rows] = sentence
-        self.group["done"][shard] = 1
+            every_chunk(self.tokens)[first:first + len(words)] = tokens
+            every_chunk(self.group["words"])[first:first + len(words)] = \
+                np.array(words, dtype=object).astype(str)
+        every_chunk(self.sentence)[rows] = sentence
+        every_chunk(self.group["done"])[shard] = 1
 
     def progress(self) -> dict:
         done = self.done_shards()

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import zarr
 
 from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
@@ -522,11 +521,7 @@ def _extract_shard(store_path: Location | str, shard: int, inputs: ShardInputs, 
             return _TorchvisionBatch(pools, paths, rows, size, clock, device, inputs.options)
         return _PillowBatch(pools, paths, rows, size, clock, inputs.options)
 
-    # A shard's chunks are never all fill value worth skipping, and checking each one for it
-    # (zarr's default) was ~40 % of the write time (benchmarks/README.md); arrays keep the
-    # setting they were opened with.
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        store = ImageFeatureStore.open(store_path, mode="r+")
+    store = ImageFeatureStore.open(store_path, mode="r+")   # writes every chunk (store.every_chunk)
     levels = _Levels(store, shard, count, spec, pools, clock)
     pending = collections.deque(decode(rows) for rows in batches[:AHEAD])
     try:

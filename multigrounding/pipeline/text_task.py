@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import zarr
 
 from multigrounding import __version__
 from multigrounding.cache.fingerprint import file_sha256, package_versions
@@ -162,10 +161,8 @@ def run_text_shard(store_path: Location | str, shard: int, sentences: list[list[
         words = [word for sentence_words in sentences for word in sentence_words]
         result.compute_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        # every chunk written, so that a missing one always means lost data (see cache.store)
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            store = TextFeatureStore.open(store_path, mode="r+")
-            store.write_shard(shard, tokens, words, sentence)
+        store = TextFeatureStore.open(store_path, mode="r+")
+        store.write_shard(shard, tokens, words, sentence)   # every chunk (store.every_chunk)
         result.write_seconds = time.perf_counter() - started
     except Exception as exc:  # report, so one bad shard does not stop the others
         log.error("text shard %d failed: %s", shard, traceback.format_exc())

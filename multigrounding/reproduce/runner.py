@@ -294,7 +294,8 @@ def _device(ctx: _Context) -> dict:
 
 def _job_identity(job, manifest: Path) -> dict:
     """What made a store: the job's fields that shape the numbers, and the manifest's bytes."""
-    skip = {"device", "scheduler", "workers", "overwrite", "batch_size"}
+    skip = {"device", "scheduler", "workers", "overwrite", "batch_size", "decode_threads",
+            "storage_options"}      # where and how fast it runs; options may hold credentials
     fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job) if f.name not in skip}
     return {"job": json.loads(json.dumps(fields, default=str)), "manifest_sha256": file_sha256(manifest)}
 
