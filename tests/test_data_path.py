@@ -127,7 +127,7 @@ def test_bfloat16_features_are_close_to_float32_and_recorded(synth, tmp_path):
     assert not np.array_equal(x, y) and np.isfinite(y).all()
     assert np.linalg.norm(y - x) / np.linalg.norm(x) < 0.1   # (random weights: some levels ~1e-5)
     again = extract(synth, tmp_path / "fp32", "--dtype", "bfloat16")
-    assert again.exit_code == 1 and "compute_dtype: \"float32\" -> \"bfloat16\"" in again.output
+    assert again.exit_code == 1 and "compute_dtype: (absent) -> \"bfloat16\"" in again.output
 
 
 def test_a_float16_forward_that_overflows_fails_its_shard_with_a_message(tmp_path):
@@ -269,3 +269,20 @@ def test_gpu_check_smoke_runs_every_code_path_on_the_cpu(tmp_path):
                      "cache / in-memory", "recomputing VGG16", "loss after", "phrases/s"):
         assert any(expected in check for check in checks), expected
     assert all(np.isfinite(row["value"]) for row in report["rows"])
+
+
+def test_stores_made_before_the_codec_keys_resume_and_new_default_stores_match_them(synth, tmp_path):
+    """A header records codecs, compute dtype and decoder only where they differ from what every
+    store meant before those keys (zstd 1, float32, Pillow): an upgrade must not refuse a user's
+    existing caches as "made with other settings", and a new default store is byte-identical."""
+    first = extract(synth, tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    header = json.loads((tmp_path / "a" / "zarr.json").read_text())["attributes"]["multigrounding"]
+    assert not {"codecs", "compute_dtype", "decoder"} & set(header["config"])
+    store = ImageFeatureStore.open(tmp_path / "a")
+    assert (store.config.compute_dtype, store.config.decoder) == ("float32", "pillow")
+    explicit = extract(synth, tmp_path / "a", "--codecs", "zstd1", "--dtype", "float32",
+                       "--decoder", "pillow")
+    assert explicit.exit_code == 0 and "were done before" in explicit.output, explicit.output
+    other = extract(synth, tmp_path / "a", "--codecs", "none")
+    assert other.exit_code == 1 and "codecs: (absent)" in other.output

@@ -57,15 +57,20 @@ class LevelInfo:
     stride: int
 
 
+# what every store meant before its header recorded these keys
+AS_BEFORE = {"compute_dtype": "float32", "decoder": "pillow"}
+
+
 @dataclass
 class ImageStoreConfig:
     """A visual store's config, as its header records it (``to_json`` keeps the key order, so
     the header's bytes do not change). ``weights`` is the backbone's weights record:
     ``weights`` (imagenet | random | file), ``record``, ``source``, ``sha256``, ``seed``,
-    ``normalisation`` and, for downloaded files, ``file``. The last three keys are absent from
-    stores made before they existed (zstd 1 or 3 on every level, float32, Pillow): ``codecs``
-    (one of LEVEL_CODECS per level), ``compute_dtype`` (the backbone's, before float16) and
-    ``decoder`` (pillow | torchvision)."""
+    ``normalisation`` and, for downloaded files, ``file``. The last three keys, ``codecs`` (one
+    of LEVEL_CODECS per level), ``compute_dtype`` (the backbone's, before float16) and
+    ``decoder`` (pillow | torchvision), are recorded only where they differ from what every store
+    meant before they existed (zstd on every level, float32, Pillow), so those stores resume and
+    compare equal to new ones made the same way."""
 
     manifest_path: str
     manifest: dict                  # {"sha256": ..., "images": N}
@@ -84,7 +89,7 @@ class ImageStoreConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> "ImageStoreConfig":
-        fields = {**data, "levels": [LevelInfo(**level) for level in data["levels"]]}
+        fields = {**AS_BEFORE, **data, "levels": [LevelInfo(**level) for level in data["levels"]]}
         return cls(**fields)
 
     def to_json(self) -> dict:
@@ -93,8 +98,10 @@ class ImageStoreConfig:
                 "levels": [dataclasses.asdict(level) for level in self.levels],
                 "grid": self.grid, "input_size": self.input_size, "resize": self.resize,
                 "dtype": self.dtype, "shard_size": self.shard_size, "versions": self.versions}
-        for key in ("codecs", "compute_dtype", "decoder"):
-            if getattr(self, key) is not None:
+        if self.codecs is not None and any(codec != "zstd1" for codec in self.codecs):
+            data["codecs"] = self.codecs
+        for key in ("compute_dtype", "decoder"):
+            if getattr(self, key) not in (None, AS_BEFORE[key]):
                 data[key] = getattr(self, key)
         return data
 
