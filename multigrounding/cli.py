@@ -680,13 +680,15 @@ def evaluate_command(run, manifest, images, text, out, storage_options, **option
 
 
 def _echo_evaluation(metrics: dict, out: Path) -> None:
+    from multigrounding.evaluation.protocols import plural
+
     p = metrics["pointing"]
     chosen = metrics["protocol"]
     for name in [chosen] + [n for n in metrics["protocols"] if n != chosen]:
         c = metrics["protocols"][name]
         click.echo(f"{'pointing accuracy' if name == chosen else '  also'} {100 * c['accuracy']:.1f}% "
                    f"under protocol {name} ({c['hits']} hits, {c['misses']} misses, {c['skipped']} "
-                   f"skipped {c['unit']}s); center baseline {100 * c['center_baseline']:.1f}%, random "
+                   f"skipped {plural(c['unit'])}); center baseline {100 * c['center_baseline']:.1f}%, random "
                    f"{100 * c['random_baseline']:.1f}%")
     click.echo(f"attention correctness {100 * p['attention_correctness']:.1f}% (per phrase)")
     if "retrieval" in metrics:

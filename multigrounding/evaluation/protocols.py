@@ -113,6 +113,11 @@ class ProtocolCounts:
                                  for name, (n, h) in sorted(self.per_category.items())}}
 
 
+def plural(unit: str) -> str:
+    """"phrases", "entities": how reports name several units."""
+    return "entities" if unit == "entity" else f"{unit}s"
+
+
 def units(phrases: Sequence[PhraseHeatmap], protocol: str) -> list[Unit]:
     """The units ``protocol`` scores, in the order of their first phrase, with skip reasons."""
     if protocol == "paper":

@@ -33,7 +33,7 @@ from multigrounding.devices import resolve_device
 from multigrounding.errors import UnknownNameError
 from multigrounding.evaluation.phrase_pointing import MODES, PointingResult, evaluate_pointing
 from multigrounding.evaluation.pictures import overlay, save_png
-from multigrounding.evaluation.protocols import PROTOCOL_TITLES, PROTOCOLS
+from multigrounding.evaluation.protocols import PROTOCOL_TITLES, PROTOCOLS, plural
 from multigrounding.evaluation.retrieval import fold_metrics, retrieval_metrics, score_matrix
 from multigrounding.heads.checkpoint import Checkpoint, load_heads
 from multigrounding.settings import from_mapping, setting
@@ -286,8 +286,8 @@ def protocol_lines(metrics: dict) -> list[str]:
         lead = "**Protocol" if name == chosen else "Also counted under protocol"
         close = "**" if name == chosen else ""
         lines.append(f"{lead} `{name}` ({PROTOCOL_TITLES[name]}): {100 * c['accuracy']:.1f} %{close} "
-                     f"over {c['scored']} {c['unit']}s ({c['hits']} hits, {c['misses']} misses, "
-                     f"{c['phrases']} phrases), {c['skipped']} {c['unit']}s skipped{skipped}; "
+                     f"over {c['scored']} {plural(c['unit'])} ({c['hits']} hits, {c['misses']} misses, "
+                     f"{c['phrases']} phrases), {c['skipped']} {plural(c['unit'])} skipped{skipped}; "
                      f"center baseline {100 * c['center_baseline']:.1f} %, random point "
                      f"{100 * c['random_baseline']:.1f} %.")
         lines.append("")

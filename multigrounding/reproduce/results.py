@@ -17,7 +17,7 @@ from pathlib import Path
 
 from multigrounding import __version__
 from multigrounding.atomic import atomic_open
-from multigrounding.evaluation.protocols import PROTOCOL_TITLES
+from multigrounding.evaluation.protocols import PROTOCOL_TITLES, plural
 from multigrounding.reproduce.recipe import Recipe, TestSet
 from multigrounding.reproduce.sources import get_source
 
@@ -141,14 +141,14 @@ def render_results(results: dict) -> str:
             f"{t['protocol_title']} | **{_figure(t['pointing'])}** | {_published(p['pointing'])} | "
             f"{difference} | {t['center_baseline']:.2f} ({_published(p['center'])}) | "
             f"{t['random_baseline']:.2f} ({_published(p['random'])}) | "
-            f"{_figure(t['attention_correctness'])} | {t['scored']} {t['unit']}s | {t['skipped']} |")
+            f"{_figure(t['attention_correctness'])} | {t['scored']} {plural(t['unit'])} | {t['skipped']} |")
     for t in results["tests"]:
         p = t["published"]
         lines += ["", f"## {t['title']}", ""]
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(t["skipped_by_reason"].items()))
         phrases = f" ({t['phrases_in_scored']} phrases)" if t["unit"] != "phrase" else ""
         lines.append(f"- Counted under protocol `{t['protocol']}` ({t['protocol_title']}): "
-                     f"{t['scored']} {t['unit']}s scored{phrases}, "
+                     f"{t['scored']} {plural(t['unit'])} scored{phrases}, "
                      f"{t['skipped']} skipped" + (f" ({reasons})" if reasons else "") + ".")
         for name, values in t["other_protocols"].items():
             lines.append(f"- The same groundings under protocol `{name}` ({PROTOCOL_TITLES[name]}): "

@@ -39,6 +39,7 @@ from multigrounding.cache.text_store import TextFeatureStore
 from multigrounding.datasets.convert import convert_dataset
 from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.phrase_pointing import pointing_validator
+from multigrounding.evaluation.protocols import plural
 from multigrounding.evaluation.report import METRICS_FILE, evaluate_run
 from multigrounding.heads.checkpoint import Checkpoint, CheckpointError, checkpoint_path
 from multigrounding.heads.run_folder import CONFIG_FILE, RunFolder
@@ -386,6 +387,6 @@ def _evaluate(ctx: _Context, seed: int, run: Path, test, manifests: dict, caches
         f"evaluate seed {seed} {key} {stage}", done, total))
     headline = metrics["protocols"][job.protocol]
     ctx.stage(f"[evaluate] seed {seed}, {key}: pointing {100 * headline['accuracy']:.1f} % over "
-              f"{headline['scored']} {headline['unit']}s")
+              f"{headline['scored']} {plural(headline['unit'])}")
     ctx.summary.ran.append(f"evaluate seed {seed} {key}")
     return metrics
