@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, table  # noqa: E402
 
-from multigrounding.datasets.synth import generate_synth  # noqa: E402
+from multigrounding.datasets.synth_hard import generate_styled  # noqa: E402
 from multigrounding.evaluation.report import Evaluation, evaluate_run  # noqa: E402
 from multigrounding.heads.config import TrainConfig  # noqa: E402
 from multigrounding.heads.run_folder import RunFolder  # noqa: E402
@@ -53,7 +53,7 @@ def prepare_data(root: Path, counts: dict[str, int], size: int, style: str) -> d
         data = root / "data" / split
         manifest = data / "manifest.jsonl"
         if not manifest.exists():
-            generate_synth(data, count, SPLIT_SEEDS[split], size=size, style=style)
+            generate_styled(data, count, SPLIT_SEEDS[split], size=size, style=style)
         images, text = root / "cache" / f"{split}-images", root / "cache" / f"{split}-text"
         for summary in (extract_images(ImageExtraction(manifest, images, scheduler="synchronous")),
                         extract_text(TextExtraction(manifest, text, scheduler="synchronous"))):

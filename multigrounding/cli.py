@@ -214,10 +214,10 @@ def synth(out_dir, count, seed, size, style) -> None:
     Example:
       multigrounding datasets synth data/synth --images 1000 --seed 0
     """
-    from multigrounding.datasets.synth import generate_synth
+    from multigrounding.datasets.synth_hard import generate_styled
 
     with _progress("images", total=count) as bar:
-        summary = generate_synth(out_dir, count, seed, size=size, progress=bar.update, style=style)
+        summary = generate_styled(out_dir, count, seed, size=size, progress=bar.update, style=style)
     click.echo(f"wrote {summary.images} images, {summary.captions} captions, "
                f"{summary.phrases} phrases to {summary.manifest} in {summary.seconds:.1f} s")
 

@@ -14,6 +14,7 @@ from multigrounding.datasets.records import Record, check_record
 from multigrounding.datasets.synth import (COLOURS, RELATIONS, SHAPES, box_iou, generate_synth,
                                            render_example, save_jpeg)
 from multigrounding.datasets.synth_hard import (MIN_VISIBLE, PIXEL_NOISE, SIZE_CLASSES, STYLE_STREAM,
+                                                generate_styled, render_styled,
                                                 TONE_MIX, draw_hard_scene, tight_box)
 from multigrounding.errors import UnknownNameError
 
@@ -292,11 +293,11 @@ DEFAULT_STYLE_SHA256 = "589034a4091d6dcd2cd38265aad4f8c3c598112270aa21cd906b055a
 
 
 def test_default_style_is_unchanged():
-    for style in ({}, {"style": "default"}):
+    for render in (render_example, render_styled):
         digest = hashlib.sha256()
         for seed, size in ((3, 96), (7, 128), (0, 256)):
             for index in range(5):
-                example = render_example(seed, index, size, **style)
+                example = render(seed, index, size)
                 digest.update(example.pixels.tobytes())
                 digest.update(json.dumps([example.id, example.captions,
                                           [p.to_json() for p in example.phrases]]).encode())
@@ -305,7 +306,7 @@ def test_default_style_is_unchanged():
 
 def test_unknown_style_is_refused(tmp_path):
     with pytest.raises(UnknownNameError, match="Did you mean 'hard'"):
-        generate_synth(tmp_path / "out", 2, 0, style="harder")
+        generate_styled(tmp_path / "out", 2, 0, style="harder")
     assert not (tmp_path / "out").exists()
 
 
@@ -317,7 +318,7 @@ HARD_SIZE = 160
 @pytest.fixture(scope="module")
 def hard_run(tmp_path_factory) -> tuple[Path, list[Record]]:
     out = tmp_path_factory.mktemp("synth-hard")
-    summary = generate_synth(out, 40, 5, size=HARD_SIZE, style="hard")
+    summary = generate_styled(out, 40, 5, size=HARD_SIZE, style="hard")
     return out, list(read_manifest(summary.manifest))
 
 
@@ -329,10 +330,10 @@ def hard_scenes(seed: int, count: int, size: int):
 
 
 def test_hard_style_is_deterministic_and_its_own_stream(tmp_path):
-    generate_synth(tmp_path / "a", 4, 3, size=96, style="hard")
-    generate_synth(tmp_path / "b", 4, 3, size=96, style="hard")
-    generate_synth(tmp_path / "c", 6, 3, size=96, style="hard")
-    generate_synth(tmp_path / "d", 4, 4, size=96, style="hard")
+    generate_styled(tmp_path / "a", 4, 3, size=96, style="hard")
+    generate_styled(tmp_path / "b", 4, 3, size=96, style="hard")
+    generate_styled(tmp_path / "c", 6, 3, size=96, style="hard")
+    generate_styled(tmp_path / "d", 4, 4, size=96, style="hard")
     generate_synth(tmp_path / "e", 4, 3, size=96)
     a, b, c = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b"), file_bytes(tmp_path / "c")
     assert a == b

@@ -25,7 +25,6 @@ from PIL import Image, ImageDraw
 
 from multigrounding.datasets.manifest import write_manifest
 from multigrounding.datasets.records import Phrase, Record
-from multigrounding.errors import UnknownNameError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon")
 
@@ -50,7 +49,6 @@ RELATION_TEMPLATES: tuple[str, ...] = ("{a} {rel} {b}", "{a} is {rel} {b}", "the
 LIST_TEMPLATES: tuple[str, ...] = ("{list}", "there is {list}", "an image of {list}",
                                    "a picture with {list}")
 
-STYLES: tuple[str, ...] = ("default", "hard")
 MIN_SIZE = 64
 JPEG_QUALITY = 90
 MAX_BOX_IOU = 0.1          # boxes of two shapes in one image overlap less than this
@@ -108,23 +106,22 @@ class SynthExample:
 
 def generate_synth(out_dir: str | os.PathLike, images: int, seed: int, *, size: int = 256,
                    progress: Callable[[int], None] | None = None,
-                   style: str = "default") -> SynthSummary:
+                   render: Callable[[int, int, int], SynthExample] | None = None) -> SynthSummary:
     """Write ``images`` synthetic examples to ``out_dir/images/`` and ``out_dir/manifest.jsonl``.
 
     Images are written first and the manifest last (atomically), so a manifest on disk always
-    lists complete images. ``progress(n)`` is told after every ``n`` finished images. ``style``:
-    ``default`` (this module) or ``hard`` (``synth_hard``: sizes 5-60 %, textures, occlusion,
-    unnamed clutter).
+    lists complete images. ``progress(n)`` is told after every ``n`` finished images.
+    ``render(seed, index, size)`` draws an example (default: ``render_example``; another style
+    passes its own: ``synth_hard.generate_styled``).
     """
     _check_arguments(images, seed, size)
-    _check_style(style)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     image_dir = out_dir.resolve() / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(images):
-        example = render_example(seed, index, size, style=style)
+        example = (render or render_example)(seed, index, size)
         image_path = image_dir / f"{example.id}.jpg"
         save_jpeg(example.pixels, image_path)
         records.append(Record(id=example.id, image=str(image_path), captions=example.captions,
@@ -138,15 +135,9 @@ def generate_synth(out_dir: str | os.PathLike, images: int, seed: int, *, size: 
                         seconds=time.perf_counter() - started)
 
 
-def render_example(seed: int, index: int, size: int = 256, *, style: str = "default") -> SynthExample:
-    """Draw example ``index`` of the run ``seed``; it depends on nothing else but ``size`` and
-    ``style``."""
+def render_example(seed: int, index: int, size: int = 256) -> SynthExample:
+    """Draw example ``index`` of the run ``seed``; it depends on nothing else but ``size``."""
     _check_arguments(1, seed, size)
-    _check_style(style)
-    if style == "hard":
-        from multigrounding.datasets.synth_hard import render_hard_example
-
-        return render_hard_example(seed, index, size)
     rng = np.random.default_rng([seed, index])
     pixels, shapes = draw_scene(rng, size)
     captions, phrases = write_captions(rng, shapes, size)
@@ -157,11 +148,6 @@ def render_example(seed: int, index: int, size: int = 256, *, style: str = "defa
 def save_jpeg(pixels: np.ndarray, path: Path) -> None:
     """Save an RGB array as a JPEG of quality 90 without chroma subsampling (crisper colours)."""
     Image.fromarray(pixels, "RGB").save(path, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-
-
-def _check_style(style: str) -> None:
-    if style not in STYLES:
-        raise UnknownNameError("synthetic style", str(style), STYLES)
 
 
 def _check_arguments(images: int, seed: int, size: int) -> None:

@@ -35,8 +35,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from multigrounding.datasets.records import Phrase
-from multigrounding.datasets.synth import (COLOURS, SHAPES, SynthExample, _background,
-                                           _caption_plans, _muted_colours, _outline)
+from multigrounding.datasets.synth import (COLOURS, SHAPES, SynthExample, SynthSummary,
+                                           _background, _caption_plans, _muted_colours, _outline,
+                                           generate_synth, render_example)
+from multigrounding.errors import UnknownNameError
 
 STYLE_STREAM = 2              # third entropy word of the random stream (the default style has none)
 SIZE_CLASSES: dict[str, tuple[float, float]] = {"small": (0.05, 0.12), "medium": (0.12, 0.25),
@@ -73,6 +75,27 @@ class HardObject:
     def centre(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+STYLES: tuple[str, ...] = ("default", "hard")
+
+
+def generate_styled(out_dir, images: int, seed: int, *, style: str = "default", size: int = 256,
+                    progress=None) -> SynthSummary:
+    """``synth.generate_synth`` in the named style: ``default`` (``synth``) or ``hard`` (here)."""
+    return generate_synth(out_dir, images, seed, size=size, progress=progress,
+                          render=_renderer(style))
+
+
+def render_styled(seed: int, index: int, size: int = 256, *, style: str = "default") -> SynthExample:
+    """Example ``index`` of the run ``seed`` in the named style."""
+    return _renderer(style)(seed, index, size)
+
+
+def _renderer(style: str):
+    if style not in STYLES:
+        raise UnknownNameError("synthetic style", str(style), STYLES)
+    return render_hard_example if style == "hard" else render_example
 
 
 def render_hard_example(seed: int, index: int, size: int) -> SynthExample:
