@@ -65,7 +65,7 @@ from multigrounding.heads.distributed import batch_scores, gather_columns
 from multigrounding.heads.losses import matching_loss
 from multigrounding.heads.scores import (HeadsInputError, _attend, _blocks, _check_visual,
                                          _check_words, _describe, _no_autocast, _ratio,
-                                         auto_chunk, compute_dtype, cross_scores, heatmap_kind)
+                                         auto_chunk, compute_dtype, heatmap_kind)
 
 PAPER = "paper"
 PARTS = ("aux", "dropout", "soft", "calibrate")
