@@ -51,7 +51,7 @@ CASES = [
 # drawn for the whole batch; pinned against one process's `_step` (itself pinned against the
 # written-out formula in tests/test_level_selection.py)
 LEVEL_CASES = [
-    ("aux+calibrate", dict(level_selection="aux+calibrate"), 0),
+    ("aux+calibrate+guide", dict(level_selection="aux+calibrate+guide"), 0),
     ("dropout+soft", dict(level_selection="dropout+soft", level_dropout=0.4), 0),
     ("aux-word-phrase", dict(level_selection="aux+soft", loss_terms="word", phrase_loss=0.5), 0),
 ]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from multigrounding.heads.level_selection import (LevelSelection, LevelSelectionError,
-                                                  TEMPERATURE_END_RATIO, all_level_scores,
-                                                  level_aux_loss, level_calibration_loss,
-                                                  level_cross_scores,
-                                                  parse_recipe, select_levels, visible_levels)
+from multigrounding.heads.level_selection import (GUIDE_TEMPERATURE, TEMPERATURE_END_RATIO,
+                                                  LevelSelection, LevelSelectionError,
+                                                  all_level_scores, level_aux_loss,
+                                                  level_calibration_loss, level_cross_scores,
+                                                  level_guide_loss, parse_recipe, select_levels,
+                                                  visible_levels)
 from multigrounding.heads.losses import grounding_loss, matching_loss
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
 from multigrounding.heads.scores import best_level_scores, cross_scores, l2_normalize
@@ -140,9 +141,11 @@ def test_temperature_schedule():
 
 
 # ----------------------------------------------------------------------- scores and the loss
-def naive_objective(leaves, recipe, progress, visible=None, aux_weight=1.0, calibration=3.0):
+def naive_objective(leaves, recipe, progress, visible=None, aux_weight=1.0, calibration=3.0,
+                    guide_weight=0.6):
     """The recipe's loss written out by plain autograd (module docstring of level_selection)."""
-    selection = LevelSelection.of(recipe, aux_weight=aux_weight, calibration=calibration)
+    selection = LevelSelection.of(recipe, aux_weight=aux_weight, calibration=calibration,
+                                  guide=guide_weight)
     words, sentence, visual = leaves["words"], leaves["sentence"], leaves["visual"]
     per_word = naive_levels(words.reshape(-1, D), visual).reshape(B, T, B, L)   # [Bt, T, Bi, L]
     per_sentence = naive_levels(sentence, visual)                               # [Bt, Bi, L]
@@ -171,11 +174,24 @@ def naive_objective(leaves, recipe, progress, visible=None, aux_weight=1.0, cali
         m = torch.stack([per_word[..., l][word_pairs].mean() for l in range(L)])
         n = torch.stack([per_sentence[..., l][off].mean() for l in range(L)])
         loss = loss + calibration * (((m - m.mean()) ** 2).sum() + ((n - n.mean()) ** 2).sum())
+    if "guide" in selection.parts:
+        guide = 0.0
+        words_of = [(per_word[b, t], b) for b in range(B) for t in range(T) if MASK[b, t]]
+        sentences_of = [(per_sentence[b], b) for b in range(B)]
+        for rows in (words_of, sentences_of):                   # each row: R [Bi, L], its image b
+            losses = []
+            for r, b in rows:
+                target = int(torch.log_softmax(GAMMA2 * r, dim=0)[b].argmax())
+                losses.append(-torch.log_softmax(r[b] / GUIDE_TEMPERATURE, dim=0)[target])
+            guide = guide + torch.stack(losses).mean()
+        loss = loss + guide_weight * guide
     return loss
 
 
-def recipe_objective(leaves, recipe, progress, generator=None, aux_weight=1.0, calibration=3.0):
-    selection = LevelSelection.of(recipe, aux_weight=aux_weight, calibration=calibration)
+def recipe_objective(leaves, recipe, progress, generator=None, aux_weight=1.0, calibration=3.0,
+                     guide_weight=0.6):
+    selection = LevelSelection.of(recipe, aux_weight=aux_weight, calibration=calibration,
+                                  guide=guide_weight)
     scores = level_cross_scores(leaves["words"], MASK, leaves["sentence"], leaves["visual"], selection,
                                 progress=progress, chunk=2, generator=generator)
     loss = grounding_loss(scores.word, scores.sentence, None)["loss"]
@@ -183,13 +199,16 @@ def recipe_objective(leaves, recipe, progress, generator=None, aux_weight=1.0, c
         loss = loss + aux_weight * level_aux_loss(scores)
     if "calibrate" in selection.parts:
         loss = loss + calibration * level_calibration_loss(scores)
+    if "guide" in selection.parts:
+        loss = loss + guide_weight * level_guide_loss(scores)
     return loss
 
 
 @pytest.mark.parametrize("recipe, progress", [("aux", 0.0), ("soft", 0.1), ("soft", 0.7),
                                               ("aux+soft", 0.3), ("dropout", 0.0),
                                               ("aux+dropout+soft", 0.2), ("calibrate", 0.0),
-                                              ("aux+calibrate", 0.0), ("calibrate+soft+dropout", 0.1)])
+                                              ("aux+calibrate", 0.0), ("calibrate+soft+dropout", 0.1),
+                                              ("guide", 0.0), ("aux+guide+dropout", 0.0)])
 def test_recipe_loss_and_gradients_equal_the_written_out_formula(leaves, recipe, progress):
     visible = None
     generator = None
@@ -245,7 +264,7 @@ def test_bad_recipes_are_refused(recipe, message):
     ("level_selection", "soft+max", "unknown part 'max'"), ("level_dropout", 1.0, "probability"),
     ("level_temperature", 0.0, "positive"), ("level_anneal", 0.0, "fraction"),
     ("level_aux_weight", -1.0, "positive"), ("level_anneal", 1.5, "fraction"),
-    ("level_calibration", 0.0, "positive")])
+    ("level_calibration", 0.0, "positive"), ("level_guide", -2.0, "positive")])
 def test_train_config_check_refuses_bad_level_options(field, value, message):
     config = TrainConfig(images="i", text="t", out="o", **{field: value})
     with pytest.raises(ConfigError, match=message):
@@ -321,8 +340,8 @@ def test_the_default_setting_is_pinned_and_its_objective_is_its_recipes():
 
 
 def test_every_term_of_a_recipe_is_logged_and_summed_into_the_loss():
-    terms, want, _, config = _one_step("aux+calibrate")
+    terms, want, _, config = _one_step("aux+calibrate+guide")
     assert terms["loss"] == pytest.approx(terms["word"] + terms["sentence"] + terms["l2"]
-                                          + terms["level_aux"] + 10.0 * terms["level_calibration"],
-                                          rel=1e-6)
-    assert terms["level_calibration"] > 0 and terms["level_aux"] > 0
+                                          + terms["level_aux"] + 10.0 * terms["level_calibration"]
+                                          + terms["level_guide"], rel=1e-6)
+    assert terms["level_calibration"] > 0 and terms["level_aux"] > 0 and terms["level_guide"] > 0

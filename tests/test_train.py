@@ -207,23 +207,23 @@ def test_level_selection_recipes_train_log_their_term_and_resume_exactly(caches,
     """Every part through the CLI: the per-level and calibration terms are logged and summed into
     the loss; an interrupted run (its dropout draws and soft schedule mid-epoch) resumes to the
     same weights."""
-    recipe = "aux+dropout+soft+calibrate"
+    recipe = "aux+dropout+soft+calibrate+guide"
     help_text = CliRunner().invoke(main, ["train", "--help"]).output
     for option in ("--level-selection", "--level-aux-weight", "--level-dropout",
-                   "--level-temperature", "--level-anneal", "--level-calibration"):
+                   "--level-temperature", "--level-anneal", "--level-calibration", "--level-guide"):
         assert option in help_text
     out = tmp_path / "recipe"
     result = CliRunner().invoke(main, args(caches, out, "--epochs", "2", "--level-selection", recipe,
                                            "--level-aux-weight", "0.5", "--level-dropout", "0.3",
-                                           "--level-calibration", "2"))
+                                           "--level-calibration", "2", "--level-guide", "0.5"))
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())
     assert (saved["level_selection"], saved["level_aux_weight"], saved["level_dropout"],
-            saved["level_calibration"]) == (recipe, 0.5, 0.3, 2.0)
+            saved["level_calibration"], saved["level_guide"]) == (recipe, 0.5, 0.3, 2.0, 0.5)
     rows = [r for r in metrics(out) if "loss" in r]
     for r in rows:
         assert r["loss"] == pytest.approx(r["word"] + r["sentence"] + r["l2"] + 0.5 * r["level_aux"]
-                                          + 2 * r["level_calibration"], rel=1e-5)
+                                          + 2 * r["level_calibration"] + 0.5 * r["level_guide"], rel=1e-5)
 
     from multigrounding.heads.trainer import train
 

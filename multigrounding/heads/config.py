@@ -72,7 +72,8 @@ class TrainConfig:
         "paper", "How training selects among the levels: paper (the hard max, the paper's exact "
                  "loss) or parts of aux (a per-level loss), dropout (hide levels at random), soft "
                  "(softmax over levels annealed to the max), calibrate (pin the levels' mean "
-                 "mismatched relevance together) joined by +, e.g. aux+calibrate. Evaluation always "
+                 "mismatched relevance together), guide (train the max to pick the level that "
+                 "best retrieves the image) joined by +, e.g. aux+calibrate. Evaluation always "
                  "takes the max.", kind="str")
     level_aux_weight: float = setting(1.0, "aux: weight of the per-level loss.", kind="float",
                                       above=0)
@@ -84,6 +85,8 @@ class TrainConfig:
                                        "selection; the hard max after it.", kind="float", above=0)
     level_calibration: float = setting(10.0, "calibrate: weight of the calibration term.",
                                        kind="float", above=0)
+    level_guide: float = setting(1.0, "guide: weight of the level-choice guidance term.",
+                                 kind="float", above=0)
     gamma1: float = setting(5.0, "Sharpness of the log-sum-exp over words (METHOD.md γ1).",
                             kind="float", above=0)
     gamma2: float = setting(10.0, "Scale of the two-way softmax (METHOD.md γ2).", kind="float",
@@ -144,7 +147,8 @@ class TrainConfig:
         try:
             return LevelSelection.of(self.level_selection, aux_weight=self.level_aux_weight,
                                      dropout=self.level_dropout, temperature=self.level_temperature,
-                                     anneal=self.level_anneal, calibration=self.level_calibration)
+                                     anneal=self.level_anneal, calibration=self.level_calibration,
+                                     guide=self.level_guide)
         except LevelSelectionError as err:
             raise ConfigError(str(err)) from None
 

@@ -40,6 +40,16 @@ A recipe (``--level-selection``) is ``paper`` or a ``+``-joined set of these par
   ``L + μ L_cal`` (``--level-calibration μ``, default 10). Then the max compares how far each
   level lifts the matched pair above a common floor: what the level sees, not where it started.
 
+- ``guide`` — level-choice guidance (ours). Rather than leave the choice to where the levels'
+  scores happen to sit, teach it: for every real word t of caption b (and every sentence) let
+  ``d[t, l] = log softmax_c(γ2 R[t, c, l])[b]``, how well level l alone singles out the matched
+  image among the batch's, and ``l°_t = argmax_l d[t, l]`` (no gradient). The matched pair's
+  scores across levels are then trained to pick that level:
+  ``L_guide = mean_t −log softmax_l(R[t, b, l] / τ_g)[l°_t]`` over words, plus the same over
+  sentences, with τ_g = ``GUIDE_TEMPERATURE`` (0.1); the loss becomes ``L + κ L_guide``
+  (``--level-guide κ``, default 1). The max at test time then tends to the level that would have
+  retrieved the image best — a property of the data, not of the initialisation.
+
 In a process group (``heads/distributed.py``) each process scores the whole batch's text against
 its own images at every level, the ``[J, b, L]`` blocks are gathered into ``[J, B, L]`` and every
 process selects and computes the loss on the whole batch, as for the paper's scores.
@@ -68,8 +78,9 @@ from multigrounding.heads.scores import (HeadsInputError, _attend, _blocks, _che
                                          auto_chunk, compute_dtype, heatmap_kind)
 
 PAPER = "paper"
-PARTS = ("aux", "dropout", "soft", "calibrate")
+PARTS = ("aux", "dropout", "soft", "calibrate", "guide")
 TEMPERATURE_END_RATIO = 0.05     # the soft selection's temperature ends at τ0 / 20
+GUIDE_TEMPERATURE = 0.1          # guide: the temperature of the softmax over levels
 
 
 class LevelSelectionError(MultigroundingError, ValueError):
@@ -104,13 +115,14 @@ class LevelSelection:
     temperature: float = 0.1
     anneal: float = 0.5
     calibration: float = 10.0
+    guide: float = 1.0
 
     @classmethod
     def of(cls, recipe: str, *, aux_weight: float = 1.0, dropout: float = 0.25,
-           temperature: float = 0.1, anneal: float = 0.5,
-           calibration: float = 10.0) -> "LevelSelection":
+           temperature: float = 0.1, anneal: float = 0.5, calibration: float = 10.0,
+           guide: float = 1.0) -> "LevelSelection":
         selection = cls(parse_recipe(recipe), float(aux_weight), float(dropout),
-                        float(temperature), float(anneal), float(calibration))
+                        float(temperature), float(anneal), float(calibration), float(guide))
         selection.check()
         return selection
 
@@ -126,6 +138,8 @@ class LevelSelection:
                                       f"{self.anneal!r}")
         if not (math.isfinite(self.calibration) and self.calibration > 0):
             raise LevelSelectionError(f"level_calibration must be positive; got {self.calibration!r}")
+        if not (math.isfinite(self.guide) and self.guide > 0):
+            raise LevelSelectionError(f"level_guide must be positive; got {self.guide!r}")
 
     @property
     def is_paper(self) -> bool:
@@ -139,7 +153,7 @@ class LevelSelection:
 
     def needs_all_levels(self, progress: float, training: bool = True) -> bool:
         """Whether the step needs every level's scores (else the paper's ``cross_scores``)."""
-        return bool({"aux", "calibrate"} & self.parts) or self.temperature_at(progress) is not None \
+        return bool({"aux", "calibrate", "guide"} & self.parts) or self.temperature_at(progress) is not None \
             or (training and "dropout" in self.parts and self.dropout > 0)
 
 
@@ -383,4 +397,34 @@ def level_calibration_loss(scores: LevelScores, *, use_words: bool = True,
         mismatched = (owner[:, None] != images[None, :]).to(relevance.dtype)    # [J, B]
         means = (relevance * mismatched[..., None]).sum((0, 1)) / mismatched.sum()   # [L]
         total = total + ((means - means.mean()) ** 2).sum()
+    return total
+
+
+def level_guide_loss(scores: LevelScores, *, gamma2: float = 10.0, use_words: bool = True,
+                     use_sentence: bool = True) -> Tensor:
+    """``L_guide`` over the terms in use (module docstring): the matched pair's scores over the
+    levels, as logits at ``GUIDE_TEMPERATURE``, against the level that best retrieves the image."""
+    terms = []
+    if use_words:
+        if scores.word_relevance is None:
+            raise HeadsInputError("level_guide_loss needs every level's word relevance "
+                                  "(level_cross_scores with a 'guide' recipe)")
+        caption = torch.arange(scores.mask.shape[0], device=scores.mask.device)
+        terms.append((scores.word_relevance, caption[:, None].expand_as(scores.mask)[scores.mask]))
+    if use_sentence:
+        if scores.sentence_relevance is None:
+            raise HeadsInputError("level_guide_loss needs every level's sentence relevance "
+                                  "(level_cross_scores with a 'guide' recipe)")
+        relevance = scores.sentence_relevance
+        terms.append((relevance, torch.arange(relevance.shape[0], device=relevance.device)))
+    if not terms:
+        raise HeadsInputError("level_guide_loss: no term in use")
+    total = 0
+    for relevance, owner in terms:                              # relevance [J, B, L], owner [J]
+        rows = torch.arange(relevance.shape[0], device=relevance.device)
+        with torch.no_grad():
+            retrieval = torch.log_softmax(gamma2 * relevance, dim=1)[rows, owner]      # [J, L]
+            target = retrieval.argmax(dim=-1)
+        matched = relevance[rows, owner]                                                # [J, L]
+        total = total + torch.nn.functional.cross_entropy(matched / GUIDE_TEMPERATURE, target)
     return total

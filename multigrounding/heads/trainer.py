@@ -42,7 +42,8 @@ from multigrounding.heads.distributed import (DEFAULT_TIMEOUT_S, Launch, StopReq
                                               world, wrap)
 from multigrounding.heads.inference import map_batch, to_device
 from multigrounding.heads.level_selection import (level_aux_loss, level_calibration_loss,
-                                                  level_cross_scores, step_generator)
+                                                  level_cross_scores, level_guide_loss,
+                                                  step_generator)
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -279,6 +280,9 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
     if "calibrate" in selection.parts:
         terms["level_calibration"] = level_calibration_loss(levels, **use)
         terms["loss"] = terms["loss"] + selection.calibration * terms["level_calibration"]
+    if "guide" in selection.parts:
+        terms["level_guide"] = level_guide_loss(levels, gamma2=config.gamma2, **use)
+        terms["loss"] = terms["loss"] + selection.guide * terms["level_guide"]
     if config.phrase_loss > 0:
         terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
         terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
