@@ -35,6 +35,7 @@ from _common import machine_line, table  # noqa: E402
 
 from multigrounding.datasets.synth_hard import generate_styled  # noqa: E402
 from multigrounding.evaluation.report import Evaluation, evaluate_run  # noqa: E402
+from multigrounding.heads.checkpoint import Checkpoint  # noqa: E402
 from multigrounding.heads.config import TrainConfig  # noqa: E402
 from multigrounding.heads.run_folder import RunFolder  # noqa: E402
 from multigrounding.heads.trainer import train  # noqa: E402
@@ -85,8 +86,9 @@ def slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec)
 
 
-def one_run(root: Path, paths: dict, spec: str, seed: int, args) -> dict:
-    """Train (or reuse) and evaluate (or reuse) one seed of one setting."""
+def one_run(root: Path, paths: dict, spec: str, seed: int, args) -> dict | None:
+    """Train (or reuse) and evaluate (or reuse) one seed of one setting; with ``--no-train``,
+    None for a run that is not finished."""
     overrides, checkpoint = parse_setting(spec)
     out = (args.runs or root / "runs") / slug(spec) / f"seed{seed}"
     validation = {}
@@ -97,6 +99,9 @@ def one_run(root: Path, paths: dict, spec: str, seed: int, args) -> dict:
                          out=str(out), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          lr_milestones=[], dim=args.dim, seed=seed, **validation, **overrides)
     resume = RunFolder(config.out).continues(config)
+    if args.no_train and not (resume and (out / "last.pt").is_file()
+                              and Checkpoint.load(out / "last.pt").epoch == config.epochs):
+        return None
     started = time.perf_counter()
     train(config, resume=resume)
     seconds = time.perf_counter() - started
@@ -193,6 +198,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--retrieval", action="store_true", help="also score retrieval (slower)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="report the finished runs only; train nothing")
     parser.add_argument("--runs", type=Path, help="where the runs go [default: ROOT/runs]")
     parser.add_argument("--json", type=Path, help="where to write the results [default: ROOT/seed_spread.json]")
     parser.add_argument("--threads", type=int, default=1,
@@ -209,12 +216,17 @@ def main() -> None:
         parse_setting(spec)
         runs = []
         for seed in args.seed_list or range(args.seeds):
-            runs.append(one_run(root, paths, spec, seed, args))
+            run = one_run(root, paths, spec, seed, args)
+            if run is None:
+                print(f"  {spec} seed {seed}: not trained (--no-train)", file=sys.stderr, flush=True)
+                continue
+            runs.append(run)
             p = runs[-1]["pointing"]
             print(f"  {spec} seed {seed}: pointing {pct(p['accuracy'])} %, "
                   f"levels {' / '.join(f'{100 * v:.0f}' for v in p['level_selection']['phrases'].values())}",
                   file=sys.stderr, flush=True)
-        results[spec] = {"runs": runs, "summary": summarise(runs)}
+        if runs:
+            results[spec] = {"runs": runs, "summary": summarise(runs)}
     first = next(iter(results.values()))
     reference = first["summary"]
     p = first["runs"][0]["pointing"]
@@ -234,15 +246,20 @@ def main() -> None:
     rows = []
     for spec, result in results.items():
         s = result["summary"]
-        rows.append([spec, pct(s["mean"]), pct(s["min"]), pct(s["max"]), pct(s["spread"]),
-                     f"{s['spread'] / reference['spread']:.2f}" if reference["spread"] else "—",
+        ratio = s["spread"] / reference["spread"] if reference["spread"] else None
+        done = (s["mean"] > reference["mean"] and ratio is not None and ratio <= 1 / 3
+                and s["same_leading_level"] and s["category_rates_within_tolerance"])
+        rows.append([spec, ", ".join(str(r["seed"]) for r in result["runs"]), pct(s["mean"]),
+                     pct(s["min"]), pct(s["max"]), pct(s["spread"]),
+                     "—" if ratio is None else f"{ratio:.2f}",
                      pct(s["attention_correctness_mean"]), f"{s['entropy_mean']:.2f}",
                      "yes" if s["same_leading_level"] else "no (" + ", ".join(s["leading_levels"]) + ")",
-                     pct(s["max_category_rate_deviation"])])
-    print(f"\n### Summary over {len(args.seed_list or range(args.seeds))} seeds (reference: {args.settings[0]})\n")
-    print(table(["setting", "mean pointing %", "min", "max", "spread", "spread / reference",
+                     pct(s["max_category_rate_deviation"]), "yes" if done else "no"])
+    print(f"\n### Summary (reference: {args.settings[0]})\n")
+    print(table(["setting", "seeds", "mean pointing %", "min", "max", "spread", "spread / reference",
                  "attention correctness %", "entropy (bits)", "same leading level",
-                 "max category rate deviation (points)"], rows))
+                 "max category rate deviation (points)",
+                 "done-when: mean up, spread ≤ 1/3, same leader, categories ≤ 15"], rows))
     output = args.json or root / "seed_spread.json"
     output.write_text(json.dumps({"machine": machine_line(), "arguments": {k: str(v) for k, v in vars(args).items()},
                                   "results": results}, indent=2))
