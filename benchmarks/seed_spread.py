@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, table  # noqa: E402
 
 from multigrounding.datasets.synth_hard import generate_styled  # noqa: E402
+from multigrounding.evaluation.phrase_pointing import pointing_validator  # noqa: E402
 from multigrounding.evaluation.report import Evaluation, evaluate_run  # noqa: E402
 from multigrounding.heads.checkpoint import Checkpoint  # noqa: E402
 from multigrounding.heads.config import TrainConfig  # noqa: E402
@@ -91,8 +92,10 @@ def one_run(root: Path, paths: dict, spec: str, seed: int, args) -> dict | None:
     None for a run that is not finished."""
     overrides, checkpoint = parse_setting(spec)
     out = (args.runs or root / "runs") / slug(spec) / f"seed{seed}"
-    validation = {}
+    validation, validate = {}, None
     if checkpoint == "best":
+        validate = pointing_validator(paths["val"]["images"], paths["val"]["text"],
+                                      paths["val"]["manifest"])
         validation = {"val_images": str(paths["val"]["images"]), "val_text": str(paths["val"]["text"]),
                       "val_manifest": str(paths["val"]["manifest"])}
     config = TrainConfig(images=str(paths["train"]["images"]), text=str(paths["train"]["text"]),
@@ -103,7 +106,7 @@ def one_run(root: Path, paths: dict, spec: str, seed: int, args) -> dict | None:
                               and Checkpoint.load(out / "last.pt").epoch == config.epochs):
         return None
     started = time.perf_counter()
-    train(config, resume=resume)
+    train(config, resume=resume, validate=validate)
     seconds = time.perf_counter() - started
     report = out / f"report-{checkpoint}"
     metrics_file = report / "metrics.json"
