@@ -190,7 +190,7 @@ def test_phrase_loss_trains_on_labelled_captions_and_needs_labels(caches, tmp_pa
     labelled = {"train": {"images": tmp_path / "images", "text": tmp_path / "text"}}
     out = tmp_path / "run"
     result = CliRunner().invoke(main, args(labelled, out, "--epochs", "12", "--lr", "3e-3",
-                                           "--phrase-loss", "1"))
+                                           "--phrase-loss", "1", "--level-selection", "paper"))
     assert result.exit_code == 0, result.output
     rows = [r for r in metrics(out) if "loss" in r]
     first, last = rows[:4], rows[-4:]
