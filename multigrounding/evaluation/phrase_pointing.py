@@ -120,7 +120,7 @@ class PointingResult:
 def level_entropy(rates: dict[str, float]) -> float:
     """The entropy in bits of level-selection rates: 0 when one level takes every choice,
     log2(L) when all L are chosen equally often."""
-    return float(-sum(p * np.log2(p) for p in rates.values() if p > 0))
+    return 0.0 - float(sum(p * np.log2(p) for p in rates.values() if p > 0))   # 0.0, never -0.0
 
 
 def _means(outcomes: list[PhraseOutcome]) -> dict:
