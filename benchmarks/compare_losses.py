@@ -57,7 +57,7 @@ def run(root: Path, name: str, options: dict, epochs: int, images: Path, text: P
     out = root / "compare" / (folder if seed == 0 else f"{folder}-seed{seed}")
     config = TrainConfig(images=str(images), text=str(text), out=str(out), epochs=epochs,
                          batch_size=preset.batch_size, lr=preset.lr, lr_milestones=[], dim=preset.dim,
-                         seed=seed, **options)
+                         seed=seed, **{"level_selection": "paper", **options})
     started = time.perf_counter()
     train(config, resume=RunFolder(config.out).continues(config))
     seconds = time.perf_counter() - started

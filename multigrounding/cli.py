@@ -200,7 +200,10 @@ def validate(manifest, check_images, jobs, show, storage_options) -> None:
 @click.option("--seed", default=0, show_default=True, help="Same seed, same dataset, byte for byte.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=64),
               help="Image side in pixels.")
-def synth(out_dir, count, seed, size) -> None:
+@click.option("--style", type=click.Choice(["default", "hard"]), default="default", show_default=True,
+              help="hard: shapes of 5-60 % of the image, textured, partly occluded, among unnamed "
+                   "clutter; phrase categories are size classes (small, medium, large).")
+def synth(out_dir, count, seed, size, style) -> None:
     """Write a synthetic grounding dataset to OUT_DIR (images/ and manifest.jsonl).
 
     Scenes of coloured shapes on noisy, textured backgrounds, captions such as "a red circle
@@ -211,10 +214,10 @@ def synth(out_dir, count, seed, size) -> None:
     Example:
       multigrounding datasets synth data/synth --images 1000 --seed 0
     """
-    from multigrounding.datasets.synth import generate_synth
+    from multigrounding.datasets.synth_hard import generate_styled
 
     with _progress("images", total=count) as bar:
-        summary = generate_synth(out_dir, count, seed, size=size, progress=bar.update)
+        summary = generate_styled(out_dir, count, seed, size=size, progress=bar.update, style=style)
     click.echo(f"wrote {summary.images} images, {summary.captions} captions, "
                f"{summary.phrases} phrases to {summary.manifest} in {summary.seconds:.1f} s")
 

@@ -118,7 +118,8 @@ def run_demo(out: str | Path, quick: bool = False, *, device: str = "auto",
     run = root / "run"
     config = TrainConfig(images=str(cache / "train-images"), text=str(cache / "train-text"),
                          out=str(run), epochs=preset.epochs, batch_size=preset.batch_size,
-                         lr=preset.lr, lr_milestones=[], dim=preset.dim, device=device)
+                         lr=preset.lr, lr_milestones=[], dim=preset.dim, device=device,
+                         level_selection="paper")   # the paper's loss, as the figures in README were measured
     resume = RunFolder(run).continues(config)
     report = begin("train", f"4/5 training the heads: {preset.epochs} epochs, D = {preset.dim}, "
                             f"batch {preset.batch_size}")

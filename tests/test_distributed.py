@@ -47,6 +47,15 @@ CASES = [
     ("npair-phrase-softmax", dict(loss="npair", phrase_loss=0.5, heatmap="softmax"), 0),
 ]
 
+# the level-selection recipes (heads/level_selection.py): every level's scores gathered, dropout
+# drawn for the whole batch; pinned against one process's `_step` (itself pinned against the
+# written-out formula in tests/test_level_selection.py)
+LEVEL_CASES = [
+    ("aux+calibrate+guide", dict(level_selection="aux+calibrate+guide"), 0),
+    ("dropout+soft", dict(level_selection="dropout+soft", level_dropout=0.4), 0),
+    ("aux-word-phrase", dict(level_selection="aux+soft", loss_terms="word", phrase_loss=0.5), 0),
+]
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -59,7 +68,9 @@ def one_thread():
 
 def train_config(**fields) -> TrainConfig:
     # a large weight decay makes a penalty counted N times (or 1/N) visible in the gradients
-    return TrainConfig(images="-", text="-", out="-", weight_decay=0.05, **fields)
+    # the written-out reference is the paper's loss; LEVEL_CASES name their recipe
+    return TrainConfig(images="-", text="-", out="-", weight_decay=0.05,
+                       **{"level_selection": "paper", **fields})
 
 
 def global_batch(seed: int, size: int = BATCH) -> Batch:
@@ -171,7 +182,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     try:
         share = batch_share(global_batch(1), batch_part(BATCH, rank, WORLD))
         one_step = {}
-        for name, fields, epoch in CASES:
+        for name, fields, epoch in CASES + LEVEL_CASES:
             model = wrap(make_heads(torch.float64))
             optimiser = torch.optim.SGD(model.parameters(), lr=0.0)
             terms = _step(model, optimiser, share, train_config(**fields), "cpu", epoch)
@@ -229,6 +240,21 @@ def test_two_processes_match_one_in_loss_and_gradients(two_processes):
                       for results in two_processes]
         assert accuracies[0] == accuracies[1]
     print("\n".join(report))
+
+
+def test_two_processes_match_one_under_the_level_selection_recipes(two_processes):
+    batch = global_batch(1)
+    for name, fields, epoch in LEVEL_CASES:
+        heads = make_heads(torch.float64)
+        expected_terms = _step(heads, torch.optim.SGD(heads.parameters(), lr=0.0), batch,
+                               train_config(**fields), "cpu", epoch)
+        expected_grads = {n: None if p.grad is None else p.grad for n, p in heads.named_parameters()}
+        for rank, results in enumerate(two_processes):
+            terms, grads = results["one_step"][name]
+            assert terms.keys() == expected_terms.keys(), name
+            for key, value in expected_terms.items():
+                assert abs(terms[key] - value) <= 1e-10, (name, rank, key, terms[key], value)
+            assert max_difference(grads, expected_grads) <= 1e-8, (name, rank)
 
 
 def test_one_process_step_matches_the_written_out_reference():

@@ -68,6 +68,21 @@ def test_evaluate_writes_metrics_report_and_pictures(setup, tmp_path):
                   *p["level_selection"]["per_category"].values()]:
         assert list(rates) == ["stage4", "stage6", "stage8", "head"]
         assert sum(rates.values()) == pytest.approx(1.0)
+    # level-selection entropy (bits) of those rates, and the accuracy of the phrases choosing each level
+    levels = p["level_selection"]
+    for rates, entropy in [(levels["phrases"], levels["entropy_bits"]["phrases"]),
+                           (levels["sentences"], levels["entropy_bits"]["sentences"]),
+                           *[(levels["per_category"][c], levels["entropy_bits"]["per_category"][c])
+                             for c in levels["per_category"]]]:
+        assert entropy == pytest.approx(-sum(r * np.log2(r) for r in rates.values() if r > 0))
+        assert 0 <= entropy <= 2
+    chosen = {name: levels["phrases"][name] * len(scored) for name in levels["phrases"]}
+    assert sum(levels["accuracy"][name] * n for name, n in chosen.items() if n) == pytest.approx(p["hits"])
+    assert all((levels["accuracy"][name] is None) == (n == 0) for name, n in chosen.items())
+    for category, group in p["per_category"].items():
+        per_level = levels["per_category_accuracy"][category]
+        assert sum(per_level[name] * levels["per_category"][category][name] * group["phrases"]
+                   for name in per_level if per_level[name] is not None) == pytest.approx(group["hits"])
 
     r = metrics["retrieval"]
     captions = sum(len(rec.captions) for rec in records)
@@ -83,6 +98,8 @@ def test_evaluate_writes_metrics_report_and_pictures(setup, tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("## Pointing game", "## Level selection", "## Retrieval", "## Pictures"):
         assert heading in report
+    assert "| entropy |" in report and "Pointing accuracy of the phrases that chose each level" in report
+    assert f"| {levels['entropy_bits']['phrases']:.2f} |" in report
     assert pictures[0]["file"] in report
 
 

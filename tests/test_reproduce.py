@@ -129,7 +129,7 @@ def test_the_packaged_recipes_state_the_papers_rows():
         assert recipe.training == {"dim": 1024, "epochs": 20, "batch_size": 32, "lr": 0.001,
                                    "lr_milestones": [10, 15], "lr_factor": 0.5, "loss": "multigrounding",
                                    "loss_terms": "both", "heatmap": "relu", "gamma1": 5.0, "gamma2": 10.0,
-                                   "weight_decay": 0.0005, "seed": 0,
+                                   "weight_decay": 0.0005, "seed": 0, "level_selection": "paper",
                                    "visual_widths": [2048, 2048, 1024] if "pnasnet" in name else [1024] * 3}
         assert recipe.text["encoder"] == "elmo"
         assert recipe.train.key == ("coco-train2014" if name.endswith("coco") else "vg-train")

@@ -1,6 +1,7 @@
 """The synthetic grounding dataset: reproducible, well formed, and its boxes and words are true."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from multigrounding.datasets.manifest import read_manifest
 from multigrounding.datasets.records import Record, check_record
 from multigrounding.datasets.synth import (COLOURS, RELATIONS, SHAPES, box_iou, generate_synth,
                                            render_example, save_jpeg)
+from multigrounding.datasets.synth_hard import (MIN_VISIBLE, PIXEL_NOISE, SIZE_CLASSES, STYLE_STREAM,
+                                                generate_styled, render_styled,
+                                                TONE_MIX, draw_hard_scene, tight_box)
+from multigrounding.errors import UnknownNameError
 
 SIZE = 128
 NEAR_COLOUR = 40.0  # RGB distance within which a decoded pixel counts as the shape's colour
@@ -278,3 +283,128 @@ def test_bad_arguments_raise_value_error(tmp_path, kwargs, message):
         generate_synth(tmp_path / "out", arguments.pop("images"), arguments.pop("seed"),
                        **arguments)
     assert not (tmp_path / "out").exists()
+
+
+# --- the default style is today's, byte for byte ----------------------------------------------
+
+# sha256 over (pixels, id, captions, phrases) of 15 default-style examples, computed with the
+# generator as it was before the hard style existed; any change to the default style breaks it.
+DEFAULT_STYLE_SHA256 = "589034a4091d6dcd2cd38265aad4f8c3c598112270aa21cd906b055a997c46da"
+
+
+def test_default_style_is_unchanged():
+    for render in (render_example, render_styled):
+        digest = hashlib.sha256()
+        for seed, size in ((3, 96), (7, 128), (0, 256)):
+            for index in range(5):
+                example = render(seed, index, size)
+                digest.update(example.pixels.tobytes())
+                digest.update(json.dumps([example.id, example.captions,
+                                          [p.to_json() for p in example.phrases]]).encode())
+        assert digest.hexdigest() == DEFAULT_STYLE_SHA256
+
+
+def test_unknown_style_is_refused(tmp_path):
+    with pytest.raises(UnknownNameError, match="Did you mean 'hard'"):
+        generate_styled(tmp_path / "out", 2, 0, style="harder")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the hard style ------------------------------------------------------------------------------
+
+HARD_SIZE = 160
+
+
+@pytest.fixture(scope="module")
+def hard_run(tmp_path_factory) -> tuple[Path, list[Record]]:
+    out = tmp_path_factory.mktemp("synth-hard")
+    summary = generate_styled(out, 40, 5, size=HARD_SIZE, style="hard")
+    return out, list(read_manifest(summary.manifest))
+
+
+def hard_scenes(seed: int, count: int, size: int):
+    """The drawn scenes (every shape, clutter included) behind the hard examples of ``seed``."""
+    for index in range(count):
+        rng = np.random.default_rng([seed, index, STYLE_STREAM])
+        yield draw_hard_scene(rng, size)
+
+
+def test_hard_style_is_deterministic_and_its_own_stream(tmp_path):
+    generate_styled(tmp_path / "a", 4, 3, size=96, style="hard")
+    generate_styled(tmp_path / "b", 4, 3, size=96, style="hard")
+    generate_styled(tmp_path / "c", 6, 3, size=96, style="hard")
+    generate_styled(tmp_path / "d", 4, 4, size=96, style="hard")
+    generate_synth(tmp_path / "e", 4, 3, size=96)
+    a, b, c = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b"), file_bytes(tmp_path / "c")
+    assert a == b
+    assert sorted(a) == ["images/synth-hard-3-%06d.jpg" % i for i in range(4)] + ["manifest.jsonl"]
+    assert all(c[name] == data for name, data in a.items() if name.startswith("images/"))
+    other_seed = file_bytes(tmp_path / "d")
+    default = [p.read_bytes() for p in sorted((tmp_path / "e" / "images").iterdir())]
+    for index, name in enumerate(sorted(n for n in a if n.startswith("images/"))):
+        assert a[name] != other_seed[name.replace("-3-", "-4-")] and a[name] != default[index]
+
+
+def test_hard_records_check_and_phrases_are_the_named_shapes(hard_run):
+    _, records = hard_run
+    for record in records:
+        assert list(check_record(record)) == []
+        assert 2 <= len(distinct_shapes(record)) <= 3
+        for phrase in record.phrases:
+            words = record.captions[phrase.caption].split()
+            assert words[phrase.start:phrase.start + len(phrase.words)] == phrase.words
+            article, *adjectives, colour, shape = phrase.words
+            assert colour in COLOURS and shape in SHAPES
+            assert adjectives in ([], [phrase.category]) and phrase.category in SIZE_CLASSES
+
+
+def test_hard_sizes_span_five_to_sixty_percent_and_categories_are_size_classes(hard_run):
+    _, records = hard_run
+    fractions = []
+    for record in records:
+        for phrase in record.phrases:
+            x0, y0, x1, y1 = phrase.boxes[0]
+            fraction = (x1 - x0 + 1) * (y1 - y0 + 1) / HARD_SIZE ** 2
+            low, high = SIZE_CLASSES[phrase.category]
+            assert low <= fraction < high or (phrase.category == "large" and fraction <= 0.7)
+            fractions.append(fraction)
+    assert min(fractions) >= 0.05 and max(fractions) <= 0.7
+    assert min(fractions) < 0.08 and max(fractions) > 0.35
+    categories = {p.category for r in records for p in r.phrases}
+    assert categories == set(SIZE_CLASSES)
+
+
+def test_hard_boxes_are_the_visible_pixels_and_show_the_shapes_colour():
+    """Each shape's box is the tight box of its visible pixels, and those drawn pixels lie near the
+    segment between its colour and its texture's tone: the visibility bookkeeping matches what
+    was painted on top of what."""
+    for pixels, objects in hard_scenes(5, 12, HARD_SIZE):
+        for obj in objects:
+            assert obj.box == tight_box(obj.visible)
+            colour = np.array(COLOURS[obj.colour], dtype=float)
+            tone = colour + TONE_MIX * ((0.0 if colour.mean() > 128 else 255.0) - colour)
+            seen = pixels[obj.visible].astype(float)
+            along = np.clip(((seen - colour) @ (tone - colour)) / ((tone - colour) @ (tone - colour)), 0, 1)
+            distance = np.linalg.norm(seen - (colour + along[:, None] * (tone - colour)), axis=1)
+            assert np.mean(distance < 45) > 0.95, (obj.colour, obj.shape)
+
+
+def test_hard_shapes_are_partly_occluded_textured_and_among_unnamed_clutter(hard_run):
+    _, records = hard_run
+    occluded = textured = scenes = 0
+    for (pixels, objects), record in zip(hard_scenes(5, len(records), HARD_SIZE), records):
+        scenes += 1
+        named = {(o.colour, o.shape) for o in objects if o.named}
+        clutter = {(o.colour, o.shape) for o in objects if not o.named}
+        assert set(distinct_shapes(record)) == named
+        assert 1 <= len(clutter) <= 3 and not named & clutter
+        for caption in record.captions:
+            for colour, shape in clutter:
+                assert f"{colour} {shape}" not in caption
+        for obj in objects:
+            visible, whole = int(obj.visible.sum()), int(obj.mask.sum())
+            assert visible >= MIN_VISIBLE * whole
+            occluded += visible < whole
+            textured += float(pixels[obj.visible].astype(float).std(axis=0).max()) > 2 * PIXEL_NOISE
+    assert occluded >= scenes // 2           # occlusion is common, not a rare accident
+    assert textured >= 0.6 * scenes * 2      # most shapes carry a visible texture

@@ -190,7 +190,7 @@ def test_phrase_loss_trains_on_labelled_captions_and_needs_labels(caches, tmp_pa
     labelled = {"train": {"images": tmp_path / "images", "text": tmp_path / "text"}}
     out = tmp_path / "run"
     result = CliRunner().invoke(main, args(labelled, out, "--epochs", "12", "--lr", "3e-3",
-                                           "--phrase-loss", "1"))
+                                           "--phrase-loss", "1", "--level-selection", "paper"))
     assert result.exit_code == 0, result.output
     rows = [r for r in metrics(out) if "loss" in r]
     first, last = rows[:4], rows[-4:]
@@ -201,3 +201,44 @@ def test_phrase_loss_trains_on_labelled_captions_and_needs_labels(caches, tmp_pa
     report = evaluate_run(Evaluation(out, val["manifest"], val["images"], val["text"], tmp_path / "report",
                                      pictures=0, checkpoint="last"))
     assert report["retrieval"]["text_to_image"]["r1"] > 2 * 100 / report["retrieval"]["images"]
+
+
+def test_level_selection_recipes_train_log_their_term_and_resume_exactly(caches, tmp_path):
+    """Every part through the CLI: the per-level and calibration terms are logged and summed into
+    the loss; an interrupted run (its dropout draws and soft schedule mid-epoch) resumes to the
+    same weights."""
+    recipe = "aux+dropout+soft+calibrate+guide"
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for option in ("--level-selection", "--level-aux-weight", "--level-dropout",
+                   "--level-temperature", "--level-anneal", "--level-calibration", "--level-guide"):
+        assert option in help_text
+    out = tmp_path / "recipe"
+    result = CliRunner().invoke(main, args(caches, out, "--epochs", "2", "--level-selection", recipe,
+                                           "--level-aux-weight", "0.5", "--level-dropout", "0.3",
+                                           "--level-calibration", "2", "--level-guide", "0.5"))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["level_selection"], saved["level_aux_weight"], saved["level_dropout"],
+            saved["level_calibration"], saved["level_guide"]) == (recipe, 0.5, 0.3, 2.0, 0.5)
+    rows = [r for r in metrics(out) if "loss" in r]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["word"] + r["sentence"] + r["l2"] + 0.5 * r["level_aux"]
+                                          + 2 * r["level_calibration"] + 0.5 * r["level_guide"], rel=1e-5)
+
+    from multigrounding.heads.trainer import train
+
+    config = TrainConfig.from_dict({**saved, "out": str(tmp_path / "interrupted")})
+
+    def stop_at_step_3(row):
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=stop_at_step_3)
+    train(config, resume=True)
+    want = torch.load(out / "last.pt", weights_only=False)["model"]
+    got = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+    bad = CliRunner().invoke(main, args(caches, tmp_path / "bad", "--level-selection", "aux+max"))
+    assert bad.exit_code == 1 and "unknown part 'max'" in bad.output

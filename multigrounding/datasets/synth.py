@@ -105,11 +105,14 @@ class SynthExample:
 
 
 def generate_synth(out_dir: str | os.PathLike, images: int, seed: int, *, size: int = 256,
-                   progress: Callable[[int], None] | None = None) -> SynthSummary:
+                   progress: Callable[[int], None] | None = None,
+                   render: Callable[[int, int, int], SynthExample] | None = None) -> SynthSummary:
     """Write ``images`` synthetic examples to ``out_dir/images/`` and ``out_dir/manifest.jsonl``.
 
     Images are written first and the manifest last (atomically), so a manifest on disk always
     lists complete images. ``progress(n)`` is told after every ``n`` finished images.
+    ``render(seed, index, size)`` draws an example (default: ``render_example``; another style
+    passes its own: ``synth_hard.generate_styled``).
     """
     _check_arguments(images, seed, size)
     started = time.perf_counter()
@@ -118,7 +121,7 @@ def generate_synth(out_dir: str | os.PathLike, images: int, seed: int, *, size: 
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(images):
-        example = render_example(seed, index, size)
+        example = (render or render_example)(seed, index, size)
         image_path = image_dir / f"{example.id}.jpg"
         save_jpeg(example.pixels, image_path)
         records.append(Record(id=example.id, image=str(image_path), captions=example.captions,

@@ -83,6 +83,12 @@ class PointingResult:
         total = sum(counts.values())
         return {name: counts[k] / total if total else 0.0 for k, name in enumerate(self.level_names)}
 
+    def level_accuracy(self, outcomes: list[PhraseOutcome]) -> dict[str, float | None]:
+        """Per level, the pointing accuracy of the phrases that chose it (None: none did)."""
+        chosen = {name: [o.hit for o in outcomes if o.level == k]
+                  for k, name in enumerate(self.level_names)}
+        return {name: float(np.mean(hits)) if hits else None for name, hits in chosen.items()}
+
     def summary(self) -> dict:
         """Everything metrics.json reports about pointing: accuracy, baselines, levels."""
         per_category: dict[str, list[PhraseOutcome]] = collections.defaultdict(list)
@@ -100,7 +106,21 @@ class PointingResult:
                     "phrases": self.level_rates([o.level for o in self.outcomes]),
                     "per_category": {name: self.level_rates([o.level for o in group])
                                      for name, group in sorted(per_category.items())},
-                    "sentences": self.level_rates(sentence_levels)}}
+                    "sentences": self.level_rates(sentence_levels),
+                    "entropy_bits": {
+                        "phrases": level_entropy(self.level_rates([o.level for o in self.outcomes])),
+                        "per_category": {name: level_entropy(self.level_rates([o.level for o in group]))
+                                         for name, group in sorted(per_category.items())},
+                        "sentences": level_entropy(self.level_rates(sentence_levels))},
+                    "accuracy": self.level_accuracy(self.outcomes),
+                    "per_category_accuracy": {name: self.level_accuracy(group)
+                                              for name, group in sorted(per_category.items())}}}
+
+
+def level_entropy(rates: dict[str, float]) -> float:
+    """The entropy in bits of level-selection rates: 0 when one level takes every choice,
+    log2(L) when all L are chosen equally often."""
+    return 0.0 - float(sum(p * np.log2(p) for p in rates.values() if p > 0))   # 0.0, never -0.0
 
 
 def _means(outcomes: list[PhraseOutcome]) -> dict:

@@ -238,12 +238,24 @@ def render_report(metrics: dict) -> str:
     lines += [_row(name, group["phrases"], group) for name, group in p["per_category"].items()]
     levels = p["level_selection"]
     names = list(levels["phrases"])
+    entropy = levels.get("entropy_bits")
     lines += ["", "## Level selection", "", "How often each level is chosen (a phrase takes the level "
-              "of its most relevant word; sentences their sentence heatmap's).", "",
-              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-              _levels("**all phrases**", levels["phrases"], names)]
-    lines += [_levels(name, rates, names) for name, rates in levels["per_category"].items()]
-    lines.append(_levels("**sentences**", levels["sentences"], names))
+              "of its most relevant word; sentences their sentence heatmap's)"
+              + (", and the entropy of those rates in bits (0: always one level; "
+                 f"{np.log2(max(len(names), 1)):.0f}: all {len(names)} equally)" if entropy else "")
+              + ".", "",
+              "| | " + " | ".join(names) + (" | entropy |" if entropy else " |"),
+              "|---" * (len(names) + 1 + bool(entropy)) + "|",
+              _levels("**all phrases**", levels["phrases"], names, entropy and entropy["phrases"])]
+    lines += [_levels(name, rates, names, entropy and entropy["per_category"][name])
+              for name, rates in levels["per_category"].items()]
+    lines.append(_levels("**sentences**", levels["sentences"], names, entropy and entropy["sentences"]))
+    if "accuracy" in levels:
+        lines += ["", "Pointing accuracy of the phrases that chose each level (— where none did):", "",
+                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  _level_accuracy("**all phrases**", levels["accuracy"], names)]
+        lines += [_level_accuracy(name, values, names)
+                  for name, values in levels["per_category_accuracy"].items()]
     if "retrieval" in metrics:
         r = metrics["retrieval"]
         lines += ["", "## Retrieval", "",
@@ -299,5 +311,11 @@ def _row(name: str, count: int, values: dict) -> str:
             f"| {100 * values['random_baseline']:.1f} | {100 * values['attention_correctness']:.1f} |")
 
 
-def _levels(name: str, rates: dict, names: list[str]) -> str:
-    return f"| {name} | " + " | ".join(f"{100 * rates[n]:.0f}%" for n in names) + " |"
+def _levels(name: str, rates: dict, names: list[str], entropy: float | None = None) -> str:
+    return (f"| {name} | " + " | ".join(f"{100 * rates[n]:.0f}%" for n in names)
+            + (f" | {entropy:.2f} |" if entropy is not None else " |"))
+
+
+def _level_accuracy(name: str, values: dict, names: list[str]) -> str:
+    return f"| {name} | " + " | ".join("—" if values[n] is None else f"{100 * values[n]:.1f}"
+                                       for n in names) + " |"

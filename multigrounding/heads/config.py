@@ -68,6 +68,26 @@ class TrainConfig:
     phrase_loss: float = setting(0.0, "Weight of the phrase-level term (SSAMT labels; needs a text "
                                       "cache of a manifest labelled by `datasets phrases`); 0 is "
                                       "off.", kind="float", minimum=0)
+    level_selection: str = setting(
+        "aux+soft", "How training selects among the levels: paper (the hard max, the paper's "
+                    "exact loss) or parts of aux (a per-level loss), dropout (hide levels at "
+                    "random), soft (softmax over levels annealed to the max), calibrate (pin "
+                    "the levels' mean mismatched relevance together), guide (train the max to pick the level "
+                    "that best retrieves the image) joined by +; the default aux+soft measured "
+                    "best over seeds (README, \"Level selection\"). Evaluation always takes "
+                    "the max.", kind="str")
+    level_aux_weight: float = setting(1.0, "aux: weight of the per-level loss.", kind="float",
+                                      above=0)
+    level_dropout: float = setting(0.25, "dropout: chance that a level of a batch image is hidden "
+                                         "(below 1).", kind="float", minimum=0)
+    level_temperature: float = setting(0.1, "soft: the starting temperature (it falls to 1/20 of "
+                                            "it).", kind="float", above=0)
+    level_anneal: float = setting(0.5, "soft: the share of training (at most 1) with the soft "
+                                       "selection; the hard max after it.", kind="float", above=0)
+    level_calibration: float = setting(10.0, "calibrate: weight of the calibration term.",
+                                       kind="float", above=0)
+    level_guide: float = setting(1.0, "guide: weight of the level-choice guidance term.",
+                                 kind="float", above=0)
     gamma1: float = setting(5.0, "Sharpness of the log-sum-exp over words (METHOD.md γ1).",
                             kind="float", above=0)
     gamma2: float = setting(10.0, "Scale of the two-way softmax (METHOD.md γ2).", kind="float",
@@ -120,8 +140,22 @@ class TrainConfig:
             return list(self.lr_milestones)
         return [max(1, round(self.epochs * 10 / 20)), max(1, round(self.epochs * 15 / 20))]
 
+    def level_selection_recipe(self):
+        """The parsed ``level_selection`` and its parameters (heads/level_selection.py); a
+        ConfigError for a bad recipe or parameter."""
+        from multigrounding.heads.level_selection import LevelSelection, LevelSelectionError
+
+        try:
+            return LevelSelection.of(self.level_selection, aux_weight=self.level_aux_weight,
+                                     dropout=self.level_dropout, temperature=self.level_temperature,
+                                     anneal=self.level_anneal, calibration=self.level_calibration,
+                                     guide=self.level_guide)
+        except LevelSelectionError as err:
+            raise ConfigError(str(err)) from None
+
     def check(self) -> None:
         """What no single field can say: fields that only make sense together."""
+        self.level_selection_recipe()
         for name in ("images", "text", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"the config needs {name!r}")

@@ -29,8 +29,10 @@ from multigrounding.cache.location import is_url
 from multigrounding.errors import MultigroundingError
 from multigrounding.heads.checkpoint import BEST, LAST
 from multigrounding.heads.config import PATH_FIELDS, ConfigError, TrainConfig
+from multigrounding.settings import read_json_object
 
 CONFIG_FILE = "config.json"
+SAVED_BEFORE_LEVEL_SELECTION = "paper"   # what a config.json without level_selection trained with
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
 
@@ -93,7 +95,11 @@ class RunFolder:
         if not path.is_file():
             raise RunFolderError(f"{self.path}: not a run directory (no {CONFIG_FILE})")
         try:
-            config = TrainConfig.from_file(path)
+            data = read_json_object(path)
+            # a run saved before the setting existed was trained with the paper's selection,
+            # and continues with it (the default for new runs is another)
+            data.setdefault("level_selection", SAVED_BEFORE_LEVEL_SELECTION)
+            config = TrainConfig.from_dict(data, str(path))
         except ConfigError as exc:
             raise RunFolderError(f"{exc} (the run's config is damaged)") from None
         saved_at = Path(config.out) if config.out else self.path

@@ -41,6 +41,9 @@ from multigrounding.heads.distributed import (DEFAULT_TIMEOUT_S, Launch, StopReq
                                               gather_text, is_collective_error, joined, unwrap,
                                               world, wrap)
 from multigrounding.heads.inference import map_batch, to_device
+from multigrounding.heads.level_selection import (level_aux_loss, level_calibration_loss,
+                                                  level_cross_scores, level_guide_loss,
+                                                  step_generator)
 from multigrounding.heads.losses import (grounding_loss, npair_loss, phrase_matching_loss,
                                          triplet_hard_loss)
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
@@ -161,7 +164,9 @@ def _train(config: TrainConfig, folder: RunFolder, resume: bool, progress, valid
             try:
                 for batch, waited in prefetcher:
                     tick = time.perf_counter()
-                    terms = _step(model, optimiser, batch, config, device, epoch)
+                    terms = _step(model, optimiser, batch, config, device, epoch,
+                                  progress=(epoch + step_in_epoch / len(pairs)) / config.epochs,
+                                  step=step)
                     loss_value = terms["loss"]
                     if not math.isfinite(loss_value):
                         raise TrainingError(
@@ -242,9 +247,14 @@ def _writing(folder: RunFolder, path: Path):
                             f"continues") from None
 
 
-def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, epoch: int = 0) -> dict:
+def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, epoch: int = 0,
+          progress: float | None = None, step: int = 0) -> dict:
+    """One optimiser step on one global batch; ``progress`` (training done, in [0, 1): the soft
+    level selection's schedule; None: ``epoch / epochs``) and ``step`` (the global step: level
+    dropout's draws) matter only to the level-selection recipes (heads/level_selection.py)."""
     heads.train()
     device = torch.device(device)
+    selection = config.level_selection_recipe()
     # bf16 autocast on a GPU; the scores keep their normalisations and log-sum-exp in float32.
     # In a process group heads is DistributedDataParallel (so one forward call) holding this
     # process's rows; gather_text and batch_scores make the scores the whole batch's
@@ -252,9 +262,27 @@ def _step(heads: GroundingHeads, optimiser, batch, config: TrainConfig, device, 
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         visual, words, sentence = map_batch(heads, batch, device)
         words, mask, sentence = gather_text(words, to_device(batch.mask, device), sentence)
-        r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
-                                heatmap=config.heatmap)
+        if selection.is_paper:
+            r_w, r_s = batch_scores(words, mask, sentence, visual, gamma1=config.gamma1,
+                                    heatmap=config.heatmap)
+        else:
+            levels = level_cross_scores(
+                words, mask, sentence, visual, selection, gamma1=config.gamma1,
+                heatmap=config.heatmap, generator=step_generator(config.seed, step),
+                progress=epoch / config.epochs if progress is None else progress)
+            r_w, r_s = levels.word, levels.sentence
     terms = training_loss(r_w, r_s, unwrap(heads).l2_penalty(), config, epoch)
+    use = dict(use_words=config.loss_terms in ("both", "word"),
+               use_sentence=config.loss_terms in ("both", "sentence"))
+    if "aux" in selection.parts:
+        terms["level_aux"] = level_aux_loss(levels, gamma2=config.gamma2, **use)
+        terms["loss"] = terms["loss"] + selection.aux_weight * terms["level_aux"]
+    if "calibrate" in selection.parts:
+        terms["level_calibration"] = level_calibration_loss(levels, **use)
+        terms["loss"] = terms["loss"] + selection.calibration * terms["level_calibration"]
+    if "guide" in selection.parts:
+        terms["level_guide"] = level_guide_loss(levels, gamma2=config.gamma2, **use)
+        terms["loss"] = terms["loss"] + selection.guide * terms["level_guide"]
     if config.phrase_loss > 0:
         terms["phrase"] = phrase_term(words, visual, batch.labels, config, device)
         terms["loss"] = terms["loss"] + config.phrase_loss * terms["phrase"]
