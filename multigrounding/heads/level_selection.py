@@ -77,7 +77,8 @@ from multigrounding.heads.distributed import batch_scores, gather_columns
 from multigrounding.heads.losses import matching_loss
 from multigrounding.heads.scores import (HeadsInputError, _attend, _blocks, _check_visual,
                                          _check_words, _describe, _no_autocast, _ratio,
-                                         auto_chunk, compute_dtype, heatmap_kind)
+                                         auto_chunk, compute_dtype, heatmap_kind,
+                                         relevance_backward)
 
 PAPER = "paper"
 PARTS = ("aux", "dropout", "soft", "calibrate", "guide")
@@ -213,21 +214,12 @@ class _AllLevelScores(torch.autograd.Function):
                     continue
                 vb = _blocks(visual[c0:c1])                                  # [cL, N, D]
                 p = torch.matmul(vb, rows.t())                               # [cL, N, J]
-                h, q, u = _attend(vb, p, softmax)       # relu consumes p (p becomes h)
-                relevance, r, ok = _ratio(q, torch.linalg.vector_norm(u, dim=2))
-                g = torch.where(ok, g, torch.zeros_like(g))
-                coef = torch.bmm(vb, u.transpose(1, 2))                      # <v_n, u> [cL, N, J]
-                coef.mul_(-(q / r ** 2)[:, None])
-                if softmax:
-                    coef.add_(p).add_(1).mul_(h)
-                else:
-                    coef.add_(h, alpha=2).masked_fill_(h <= 0, 0)
-                coef.mul_((g / r)[:, None])
+                coef, toward_u = relevance_backward(vb, p, g, softmax)       # [cL, N, J]
                 if need_rows:
                     grad_rows += torch.einsum("knj,knd->jd", coef, vb)
                 if need_visual:
                     grad_vb = torch.matmul(coef, rows)                       # [cL, N, D]
-                    grad_vb.baddbmm_(h.mul_((g * relevance / r ** 2)[:, None]), u, alpha=-1)
+                    toward_u(grad_vb)
                     grad_visual[c0:c1] += grad_vb.view(c1 - c0, levels, n, d).transpose(1, 2)
         return grad_rows, grad_visual, None, None
 

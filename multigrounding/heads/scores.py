@@ -264,24 +264,37 @@ class _BestLevelScores(torch.autograd.Function):
                 vb = _blocks(visual[c0:c1])                                # [cL, N, D]
                 s = rows[index]                                            # [cL, Jm, D]
                 p = torch.bmm(vb, s.transpose(1, 2))                       # [cL, N, Jm]
-                h, q, u = _attend(vb, p, softmax)   # relu consumes p (p becomes h)
-                relevance, r, ok = _ratio(q, torch.linalg.vector_norm(u, dim=2))
-                g = torch.where(ok, g, torch.zeros_like(g))
-                coef = torch.bmm(vb, u.transpose(1, 2))                    # <v_n, u> [cL, N, Jm]
-                coef.mul_(-(q / r ** 2)[:, None])
-                if softmax:
-                    coef.add_(p).add_(1).mul_(h)
-                else:
-                    coef.add_(h, alpha=2).masked_fill_(h <= 0, 0)
-                coef.mul_((g / r)[:, None])
+                coef, toward_u = relevance_backward(vb, p, g, softmax)     # [cL, N, Jm]
                 if need_rows:
                     grad_s = torch.bmm(coef.transpose(1, 2), vb).view(-1, d)   # [cL*Jm, D]
                     grad_rows += grad_s[where.reshape(-1)].view(c1 - c0, -1, d).sum(0)
                 if need_visual:
                     grad_vb = torch.bmm(coef, s)
-                    grad_vb.baddbmm_(h.mul_((g * relevance / r ** 2)[:, None]), u, alpha=-1)
+                    toward_u(grad_vb)
                     grad_visual[c0:c1] += grad_vb.view(c1 - c0, levels, n, d).transpose(1, 2)
         return grad_rows, grad_visual, None, None
+
+
+def relevance_backward(vb: Tensor, p: Tensor, g: Tensor, softmax: bool):
+    """What the hand-written backwards (here and in ``level_selection``) share, per block of
+    cells ``vb [K, N, D]``, heatmap inputs ``p = <v_n, s> [K, N, J]`` (consumed) and incoming
+    gradients ``g [K, J]`` of the relevance (formula in ``_BestLevelScores.backward``): the
+    coefficients ``coef [K, N, J]`` (ds = sum_n coef_n v_n, dv_n = coef_n s + ...) and a
+    function adding the rest of dv, ``- h_n (g R / r^2) u``, to a ``[K, N, D]`` gradient."""
+    h, q, u = _attend(vb, p, softmax)   # relu consumes p (p becomes h)
+    relevance, r, ok = _ratio(q, torch.linalg.vector_norm(u, dim=2))
+    g = torch.where(ok, g, torch.zeros_like(g))
+    coef = torch.bmm(vb, u.transpose(1, 2))                            # <v_n, u>
+    coef.mul_(-(q / r ** 2)[:, None])
+    if softmax:
+        coef.add_(p).add_(1).mul_(h)
+    else:
+        coef.add_(h, alpha=2).masked_fill_(h <= 0, 0)
+    coef.mul_((g / r)[:, None])
+
+    def toward_u(grad_vb: Tensor) -> None:
+        grad_vb.baddbmm_(h.mul_((g * relevance / r ** 2)[:, None]), u, alpha=-1)
+    return coef, toward_u
 
 
 def auto_chunk(rows: int, images: int, cells: int, levels: int, dim: int,
