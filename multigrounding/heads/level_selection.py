@@ -77,8 +77,7 @@ from multigrounding.heads.distributed import batch_scores, gather_columns
 from multigrounding.heads.losses import matching_loss
 from multigrounding.heads.scores import (HeadsInputError, _attend, _blocks, _check_visual,
                                          _check_words, _describe, _no_autocast, _ratio,
-                                         auto_chunk, compute_dtype, heatmap_kind,
-                                         relevance_backward)
+                                         compute_dtype, relevance_backward, score_inputs)
 
 PAPER = "paper"
 PARTS = ("aux", "dropout", "soft", "calibrate", "guide")
@@ -231,17 +230,7 @@ def all_level_scores(rows: Tensor, visual: Tensor, *, heatmap: str = "relu",
     ``rows [J, D]`` are text vectors, ``visual [Bi, N, L, D]``; ``chunk`` images at a time
     (None: sized as ``scores.auto_chunk``). ``R.max(-1)`` equals ``scores.best_level_scores``.
     """
-    softmax = heatmap_kind(heatmap)
-    if not isinstance(rows, Tensor) or rows.dim() != 2:
-        raise HeadsInputError(f"rows must be [J, D]; got {_describe(rows)}")
-    _check_visual(visual, rows.shape[1])
-    images, cells, levels, dim = visual.shape
-    if chunk is None:
-        chunk = auto_chunk(rows.shape[0], images, cells, levels, dim, rows.device)
-    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise HeadsInputError(f"chunk must be a positive number of images or None; got {chunk!r}")
-    dtype = compute_dtype(rows, visual)
-    return _AllLevelScores.apply(rows.to(dtype), visual.to(dtype), softmax, chunk)
+    return _AllLevelScores.apply(*score_inputs(rows, visual, heatmap, chunk))
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -369,22 +358,8 @@ def level_calibration_loss(scores: LevelScores, *, use_words: bool = True,
                            use_sentence: bool = True) -> Tensor:
     """``L_cal = Σ_l (m_l − m̄)² + (n_l − n̄)²`` over the terms in use (module docstring): the
     spread over levels of each level's mean relevance on the mismatched pairs."""
-    terms = []
-    if use_words:
-        if scores.word_relevance is None:
-            raise HeadsInputError("level_calibration_loss needs every level's word relevance "
-                                  "(level_cross_scores with a 'calibrate' recipe)")
-        caption = torch.arange(scores.mask.shape[0], device=scores.mask.device)
-        owner = caption[:, None].expand_as(scores.mask)[scores.mask]            # [J] caption of word
-        terms.append((scores.word_relevance, owner))
-    if use_sentence:
-        if scores.sentence_relevance is None:
-            raise HeadsInputError("level_calibration_loss needs every level's sentence relevance "
-                                  "(level_cross_scores with a 'calibrate' recipe)")
-        relevance = scores.sentence_relevance
-        terms.append((relevance, torch.arange(relevance.shape[0], device=relevance.device)))
-    if not terms:
-        raise HeadsInputError("level_calibration_loss: no term in use")
+    terms = _relevance_terms(scores, use_words, use_sentence, "level_calibration_loss",
+                             "calibrate")
     total = 0
     for relevance, owner in terms:
         images = torch.arange(relevance.shape[1], device=relevance.device)
@@ -394,25 +369,34 @@ def level_calibration_loss(scores: LevelScores, *, use_words: bool = True,
     return total
 
 
+def _relevance_terms(scores: "LevelScores", use_words: bool, use_sentence: bool, loss: str,
+                     part: str) -> list[tuple[Tensor, Tensor]]:
+    """Every level's relevance ``[J, B, L]`` of the terms in use, each with the caption that owns
+    its rows ``[J]`` (a word's caption; a sentence is its own)."""
+    terms = []
+    if use_words:
+        if scores.word_relevance is None:
+            raise HeadsInputError(f"{loss} needs every level's word relevance "
+                                  f"(level_cross_scores with a '{part}' recipe)")
+        caption = torch.arange(scores.mask.shape[0], device=scores.mask.device)
+        owner = caption[:, None].expand_as(scores.mask)[scores.mask]            # [J] caption of word
+        terms.append((scores.word_relevance, owner))
+    if use_sentence:
+        if scores.sentence_relevance is None:
+            raise HeadsInputError(f"{loss} needs every level's sentence relevance "
+                                  f"(level_cross_scores with a '{part}' recipe)")
+        relevance = scores.sentence_relevance
+        terms.append((relevance, torch.arange(relevance.shape[0], device=relevance.device)))
+    if not terms:
+        raise HeadsInputError(f"{loss}: no term in use")
+    return terms
+
+
 def level_guide_loss(scores: LevelScores, *, gamma2: float = 10.0, use_words: bool = True,
                      use_sentence: bool = True) -> Tensor:
     """``L_guide`` over the terms in use (module docstring): the matched pair's scores over the
     levels, as logits at ``GUIDE_TEMPERATURE``, against the level that best retrieves the image."""
-    terms = []
-    if use_words:
-        if scores.word_relevance is None:
-            raise HeadsInputError("level_guide_loss needs every level's word relevance "
-                                  "(level_cross_scores with a 'guide' recipe)")
-        caption = torch.arange(scores.mask.shape[0], device=scores.mask.device)
-        terms.append((scores.word_relevance, caption[:, None].expand_as(scores.mask)[scores.mask]))
-    if use_sentence:
-        if scores.sentence_relevance is None:
-            raise HeadsInputError("level_guide_loss needs every level's sentence relevance "
-                                  "(level_cross_scores with a 'guide' recipe)")
-        relevance = scores.sentence_relevance
-        terms.append((relevance, torch.arange(relevance.shape[0], device=relevance.device)))
-    if not terms:
-        raise HeadsInputError("level_guide_loss: no term in use")
+    terms = _relevance_terms(scores, use_words, use_sentence, "level_guide_loss", "guide")
     total = 0
     for relevance, owner in terms:                              # relevance [J, B, L], owner [J]
         rows = torch.arange(relevance.shape[0], device=relevance.device)

@@ -313,6 +313,12 @@ def best_level_scores(rows: Tensor, visual: Tensor, *, heatmap: str = "relu",
     ``rows [J, D]`` are text vectors (words or sentences), ``visual [Bi, N, L, D]``. ``chunk``
     images are processed at a time (None: sized automatically). Differentiable (once).
     """
+    return _BestLevelScores.apply(*score_inputs(rows, visual, heatmap, chunk))
+
+
+def score_inputs(rows: Tensor, visual: Tensor, heatmap: str, chunk: int | None) -> tuple:
+    """``(rows, visual, softmax, chunk)`` checked and in the compute dtype, ``chunk`` sized
+    (``auto_chunk``) when None: what every row-against-every-image scoring function takes."""
     softmax = heatmap_kind(heatmap)
     if not isinstance(rows, Tensor) or rows.dim() != 2:
         raise HeadsInputError(f"rows must be [J, D]; got {_describe(rows)}")
@@ -323,7 +329,7 @@ def best_level_scores(rows: Tensor, visual: Tensor, *, heatmap: str = "relu",
     elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise HeadsInputError(f"chunk must be a positive number of images or None; got {chunk!r}")
     dtype = compute_dtype(rows, visual)
-    return _BestLevelScores.apply(rows.to(dtype), visual.to(dtype), softmax, chunk)
+    return rows.to(dtype), visual.to(dtype), softmax, chunk
 
 
 def cross_scores(words: Tensor | None, mask: Tensor | None, sentence: Tensor | None,
