@@ -52,6 +52,14 @@ def storage_options_option(command):
                         help=STORAGE_OPTIONS_HELP)(command)
 
 
+def level_choice_option(command):
+    """``--level-choice``: how grounding picks each word's level (heads/scores.choose_levels)."""
+    return click.option("--level-choice", type=click.Choice(["relevance", "focus"]), default=None,
+                        help="How each word's level is chosen for its heatmap: relevance (the "
+                             "paper's max) or focus (the level whose map is most focused) "
+                             "[default: the run's, from its --level-selection].")(command)
+
+
 def _storage_options(text: str | None) -> dict:
     from multigrounding.cache.location import parse_storage_options
 
@@ -574,7 +582,8 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, storage_opt
         validate = pointing_validator(Location.parse(config.val_images, store_options),
                                       Location.parse(config.val_text, store_options),
                                       config.val_manifest, batch_size=config.batch_size,
-                                      heatmap=config.heatmap)
+                                      heatmap=config.heatmap,
+                                      level_choice=config.level_selection_recipe().choice)
     with tqdm(unit=" steps", file=sys.stderr, dynamic_ncols=True, disable=None if launch.is_main else True,
               leave=False) as bar:
         def update(metrics: dict) -> None:
@@ -647,6 +656,7 @@ def _start_processes(config, nproc: int) -> None:
 @click.option("--seed", default=0, show_default=True, help="Which phrases are drawn.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True)
+@level_choice_option
 @storage_options_option
 def evaluate_command(run, manifest, images, text, out, storage_options, **options) -> None:
     """Evaluate the trained RUN on a test set: pointing game, baselines, levels, retrieval.
@@ -719,7 +729,9 @@ def _echo_evaluation(metrics: dict, out: Path) -> None:
 @click.option("--elmo-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ELMo weights file, when the run's is elsewhere now.")
 @click.option("--device", default="auto", show_default=True)
-def ground_command(run, image, sentence, phrases, out, checkpoint, elmo_options, elmo_weights, device) -> None:
+@level_choice_option
+def ground_command(run, image, sentence, phrases, out, checkpoint, elmo_options, elmo_weights, device,
+                   level_choice) -> None:
     """Ground SENTENCE (or its --phrase words) in IMAGE with the trained RUN.
 
     Runs the run's frozen backbone and text encoder on the fly (no cache needed), writes the
@@ -740,7 +752,8 @@ def ground_command(run, image, sentence, phrases, out, checkpoint, elmo_options,
         raise click.BadParameter("the sentence is empty", param_hint="SENTENCE")
     try:
         result = ground_image(run, image, sentence, list(phrases), checkpoint=checkpoint,
-                              device=device, elmo_options=elmo_options, elmo_weights=elmo_weights)
+                              device=device, elmo_options=elmo_options, elmo_weights=elmo_weights,
+                              level_choice=level_choice)
     except GroundInputError as exc:
         raise click.UsageError(str(exc)) from None
     with Image.open(image) as photo:

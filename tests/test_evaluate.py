@@ -13,6 +13,7 @@ from multigrounding.datasets.records import Phrase
 from multigrounding.datasets.synth import generate_synth
 from multigrounding.evaluation.heatmap_metrics import box_mask, skip_reason
 from multigrounding.heads.config import TrainConfig
+from multigrounding.heads.level_selection import level_choice
 from multigrounding.heads.trainer import train
 from multigrounding.pipeline.image_task import ImageExtraction, extract_images
 from multigrounding.pipeline.text_task import TextExtraction, extract_text
@@ -310,3 +311,26 @@ def test_evaluate_counts_the_same_groundings_under_both_protocols(setup, tmp_pat
     assert "**Protocol `paper` (per phrase, any box, the paper's)" in paper_report
     assert "Also counted under protocol `wwbl` (per entity, union box, WWbL NeurIPS 2022)" in paper_report
     assert "**Protocol `wwbl` (per entity, union box, WWbL NeurIPS 2022): 100.0 %**" in wwbl_report
+
+
+def test_evaluate_and_ground_pick_levels_as_the_run_was_trained_unless_told(setup, tmp_path):
+    trained = level_choice(TrainConfig(images="i", text="t", out="o").level_selection)
+    other = {"focus": "relevance", "relevance": "focus"}[trained]
+    for extra, want in (((), trained), (("--level-choice", other), other)):
+        out = tmp_path / want
+        args = evaluate_args(setup, out, None, None, "--pictures", "0", "--no-retrieval", *extra)
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["level_choice"] == want
+        said = {"focus": "whose heatmap is most focused", "relevance": "of highest relevance"}[want]
+        assert f"Each word grounds with the level {said}" in (out / "report.md").read_text()
+    photo = COCO / "000000039769.png"
+    outputs = {}
+    for choice in ("relevance", "focus"):
+        result = CliRunner().invoke(main, ["ground", str(setup["run"]), str(photo),
+                                           "two cats sleeping on a pink blanket", "--out",
+                                           str(tmp_path / f"{choice}.png"), "--level-choice", choice])
+        assert result.exit_code == 0, result.output
+        outputs[choice] = result.output
+    assert outputs["relevance"] != outputs["focus"], "every word and the sentence chose alike"

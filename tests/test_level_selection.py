@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+from multigrounding.errors import UnknownNameError
 from multigrounding.heads.level_selection import (GUIDE_TEMPERATURE, TEMPERATURE_END_RATIO,
                                                   LevelSelection, LevelSelectionError,
                                                   all_level_scores, level_aux_loss,
                                                   level_calibration_loss, level_cross_scores,
-                                                  level_guide_loss, parse_recipe, select_levels,
-                                                  visible_levels)
+                                                  level_choice, level_guide_loss, parse_recipe,
+                                                  select_levels, visible_levels)
 from multigrounding.heads.losses import grounding_loss, matching_loss
 from multigrounding.heads.model import GroundingHeads, HeadsConfig
-from multigrounding.heads.scores import best_level_scores, cross_scores, l2_normalize
+from multigrounding.heads.scores import (best_level_scores, choose_levels, cross_scores,
+                                         l2_normalize, sentence_grounding, word_grounding)
 from multigrounding.heads.config import TrainConfig
 from multigrounding.heads.trainer import _step, training_loss
 from multigrounding.settings import ConfigError
@@ -210,7 +212,8 @@ def recipe_objective(leaves, recipe, progress, generator=None, aux_weight=1.0, c
                                               ("aux+soft", 0.3), ("dropout", 0.0),
                                               ("aux+dropout+soft", 0.2), ("calibrate", 0.0),
                                               ("aux+calibrate", 0.0), ("calibrate+soft+dropout", 0.1),
-                                              ("guide", 0.0), ("aux+guide+dropout", 0.0)])
+                                              ("guide", 0.0), ("aux+guide+dropout", 0.0),
+                                              ("aux+soft+focus", 0.2)])
 def test_recipe_loss_and_gradients_equal_the_written_out_formula(leaves, recipe, progress):
     visible = None
     generator = None
@@ -320,7 +323,7 @@ def test_the_paper_setting_is_todays_loss_exactly():
 
 # The default of --level-selection, pinned: changing it is a decision (issue 16's rule: only a
 # remedy that wins the mean and narrows the seed spread), never an accident.
-DEFAULT = "aux+soft"
+DEFAULT = "aux+soft+focus"
 
 
 def test_the_default_setting_is_pinned_and_its_objective_is_its_recipes():
@@ -364,7 +367,6 @@ def test_the_paper_setting_is_one_flag_away_and_the_recipes_reproduce_it():
 def test_a_run_saved_before_the_setting_resumes_with_the_papers_selection(tmp_path):
     """A config.json written before ``level_selection`` existed was trained with the paper's
     max; its run must continue with it, not with today's default."""
-    from multigrounding.heads.config import TrainConfig
     from multigrounding.heads.run_folder import CONFIG_FILE, RunFolder
 
     assert TrainConfig.__dataclass_fields__["level_selection"].default != "paper"
@@ -377,3 +379,52 @@ def test_a_run_saved_before_the_setting_resumes_with_the_papers_selection(tmp_pa
     saved["level_selection"] = "aux"
     (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
     assert RunFolder(tmp_path).config().level_selection == "aux"
+
+
+# ------------------------------------------------------------------ how grounding picks a level
+def test_focus_picks_the_most_focused_map_and_relevance_the_highest_score():
+    heat = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 2.0], [1.0, 0.1]]])     # [1, N=4, L=2]
+    relevance = torch.tensor([[0.9, 0.1]])
+    assert choose_levels(heat, relevance, "relevance").tolist() == [0]
+    assert choose_levels(heat, relevance, "focus").tolist() == [1]
+    # the focus is the peak's share of the map's energy: blind to a level's scale
+    assert choose_levels(heat * torch.tensor([50.0, 0.01]), relevance, "focus").tolist() == [1]
+    # a text with no positive cell at any level keeps the relevance's choice
+    assert choose_levels(torch.zeros(1, 4, 2), torch.tensor([[0.0, 0.3]]), "focus").tolist() == [1]
+    with pytest.raises(UnknownNameError, match="level choice 'sharpest'"):
+        choose_levels(heat, relevance, "sharpest")
+
+
+def test_word_and_sentence_grounding_score_at_the_chosen_level():
+    g = torch.Generator().manual_seed(5)
+    visual = l2_normalize(torch.randn(3, 16, L, D, generator=g), dim=-1)
+    words = l2_normalize(torch.randn(3, T, D, generator=g), dim=-1)
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[1, 2:] = False
+    by_relevance = word_grounding(words, mask, visual)
+    by_focus = word_grounding(words, mask, visual, choice="focus")
+    energy = by_relevance["heatmaps"].square()                          # the maps do not depend on it
+    want = (energy.amax(-2) / energy.sum(-2)).argmax(-1)                # [B, T] the most focused level
+    assert torch.equal(by_focus["heatmaps"], by_relevance["heatmaps"])
+    assert torch.equal(by_focus["level"][mask], want[mask])
+    assert (by_focus["level"][~mask] == -1).all()
+    assert torch.equal(by_focus["score"][mask],
+                       by_focus["relevance"][mask].gather(-1, want[mask][:, None])[:, 0])
+    assert torch.equal(by_relevance["score"][mask], by_relevance["relevance"][mask].max(-1).values)
+    assert not torch.equal(by_focus["level"], by_relevance["level"]), "the example must tell them apart"
+    sentence = l2_normalize(torch.randn(3, D, generator=g), dim=-1)
+    grounded = sentence_grounding(sentence, visual, choice="focus")
+    energy = grounded["heatmaps"].square()
+    assert torch.equal(grounded["level"], (energy.amax(-2) / energy.sum(-2)).argmax(-1))
+    assert torch.equal(grounded["score"], grounded["relevance"].gather(-1, grounded["level"][:, None])[:, 0])
+
+
+def test_focus_is_how_a_recipe_grounds_and_leaves_training_the_papers():
+    assert level_choice("aux+soft+focus") == "focus" and level_choice("aux+soft") == "relevance"
+    assert level_choice(None) == "relevance"           # a run saved before the setting
+    assert LevelSelection.of("focus").is_paper and not LevelSelection.of("aux+focus").is_paper
+    terms, want, _, _ = _one_step("focus")
+    assert terms["loss"] == float(want["loss"].detach())
+    aux_focus, _, _, _ = _one_step("aux+soft+focus")
+    aux, _, _, _ = _one_step("aux+soft")
+    assert aux_focus == aux

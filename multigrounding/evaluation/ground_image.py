@@ -19,6 +19,7 @@ from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.evaluation.heatmap_metrics import point
 from multigrounding.heads.checkpoint import Checkpoint, load_heads
+from multigrounding.heads.level_selection import level_choice as run_level_choice
 from multigrounding.heads.inference import (grid_of, map_images, map_text, phrase_heatmap,
                                             sentence_heatmap)
 from multigrounding.heads.scores import sentence_grounding, word_grounding
@@ -85,8 +86,9 @@ def build_models(saved: Checkpoint, device: str, elmo_options=None, elmo_weights
 @torch.no_grad()
 def ground_image(run: str | Path, image: str | Path, sentence: str, phrases: list[str] | None = None,
                  *, checkpoint: str = "best", device: str = "auto", elmo_options=None,
-                 elmo_weights=None) -> Grounding:
-    """Ground ``phrases`` (word spans of ``sentence``), or else the sentence and each word."""
+                 elmo_weights=None, level_choice: str | None = None) -> Grounding:
+    """Ground ``phrases`` (word spans of ``sentence``), or else the sentence and each word;
+    ``level_choice`` (``scores.choose_levels``; None: the run's) picks each word's level."""
     words = sentence.split()
     if not words:
         raise GroundInputError("the sentence is empty")
@@ -107,12 +109,13 @@ def ground_image(run: str | Path, image: str | Path, sentence: str, phrases: lis
     v = map_images(heads, levels, device)
     s, sbar = map_text(heads, encoded.tokens[None], encoded.sentence[None], device)
     heatmap = saved.config["heatmap"]
-    wg = word_grounding(s, None, v, heatmap=heatmap)
+    choice = level_choice or run_level_choice(saved.config.get("level_selection"))
+    wg = word_grounding(s, None, v, heatmap=heatmap, choice=choice)
     grid = grid_of(v)
     names = [image_config.level_names[k] for k in heads.config.used_levels]
     items = []
     if not phrases:
-        sg = sentence_grounding(sbar, v, heatmap=heatmap)
+        sg = sentence_grounding(sbar, v, heatmap=heatmap, choice=choice)
         heat, level = sentence_heatmap(sg, 0, grid)
         items.append(_item(sentence, "sentence", heat, level, float(sg["score"][0]), names, width, height))
         spans = [(word, "word", [t]) for t, word in enumerate(words)]

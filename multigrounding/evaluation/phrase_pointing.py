@@ -136,10 +136,12 @@ def _means(outcomes: list[PhraseOutcome]) -> dict:
 @torch.no_grad()
 def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str | Path, *,
                       mode: str = "sentence", device: str = "cpu", batch_size: int = 32,
-                      heatmap: str = "relu", keep_heatmaps: bool = False,
-                      progress=None, shard: tuple[int, int] = (0, 1)) -> PointingResult:
+                      heatmap: str = "relu", level_choice: str = "relevance",
+                      keep_heatmaps: bool = False, progress=None,
+                      shard: tuple[int, int] = (0, 1)) -> PointingResult:
     """Point every scorable phrase of ``manifest`` with ``heads``; skips counted by reason.
 
+    ``level_choice``: how each word's (or query's) level is chosen (``scores.choose_levels``).
     ``progress(done, total)`` is called with the sequences grounded so far after each batch.
     ``shard=(k, n)`` grounds only batches k, k+n, k+2n, ... (the batches one process of n
     takes): the n shards' outcomes together are the whole evaluation's, phrase for phrase, since
@@ -204,8 +206,9 @@ def evaluate_pointing(heads, images: str | Path, text: str | Path, manifest: str
         tock = time.perf_counter()
         v = map_images(heads, levels, device)[torch.from_numpy(which.reshape(-1)).to(device)]
         s, sbar = map_text(heads, tokens, sentence, device)
-        wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap)
-        sg = sentence_grounding(sbar, v, heatmap=heatmap)
+        wg = word_grounding(s, torch.from_numpy(mask).to(device), v, heatmap=heatmap,
+                            choice=level_choice)
+        sg = sentence_grounding(sbar, v, heatmap=heatmap, choice=level_choice)
         grid = grid_of(v)
         for b, row in enumerate(rows.tolist()):
             if row in caption_rows:
@@ -278,7 +281,7 @@ def check_same_manifest(manifest, image_store, text_store) -> None:
 
 
 def pointing_validator(val_images, val_text, val_manifest, *, batch_size: int = 32,
-                       heatmap: str = "relu"):
+                       heatmap: str = "relu", level_choice: str = "relevance"):
     """``validate(heads) -> accuracy``: the pointing game on a validation set, for ``train``.
 
     In a multi-process run every process grounds its shard of the batches and the hits and
@@ -289,7 +292,8 @@ def pointing_validator(val_images, val_text, val_manifest, *, batch_size: int = 
     def validate(heads) -> float:
         device = next(heads.parameters()).device
         result = evaluate_pointing(heads, val_images, val_text, val_manifest, device=str(device),
-                                   batch_size=batch_size, heatmap=heatmap, shard=world())
+                                   batch_size=batch_size, heatmap=heatmap,
+                                   level_choice=level_choice, shard=world())
         hits, phrases = all_sum([result.hits, len(result.outcomes)], device)
         return hits / phrases if phrases else 0.0
     return validate

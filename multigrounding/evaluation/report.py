@@ -36,6 +36,8 @@ from multigrounding.evaluation.pictures import overlay, save_png
 from multigrounding.evaluation.protocols import PROTOCOL_TITLES, PROTOCOLS, plural
 from multigrounding.evaluation.retrieval import fold_metrics, retrieval_metrics, score_matrix
 from multigrounding.heads.checkpoint import Checkpoint, load_heads
+from multigrounding.heads.level_selection import level_choice
+from multigrounding.heads.scores import LEVEL_CHOICES
 from multigrounding.settings import from_mapping, setting
 
 METRICS_FILE, REPORT_FILE, PICTURES_DIR = "metrics.json", "report.md", "pictures"
@@ -73,6 +75,10 @@ class Evaluation:
                                    "this.", kind="int", minimum=1)
     batch_size: int = setting(32, "Sequences grounded per batch.", kind="int", minimum=1)
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1 ...", kind="str")
+    level_choice: str | None = setting(None, "How each word's level is chosen for its heatmap: "
+                                       "relevance (the paper's max) or focus (the most focused "
+                                       "map) [default: the run's].", kind="str",
+                                       choices=LEVEL_CHOICES)
     # for stores and images named by URL: given on the command line, never written or read from
     # a config (it may hold credentials)
     storage_options: dict | None = field(default=None, repr=False)
@@ -120,15 +126,17 @@ def evaluate_run(job: Evaluation, progress: Callable[[str, int, int], None] | No
         if progress is not None:
             progress("pointing", done, total)
 
+    choice = job.level_choice or level_choice(config.get("level_selection"))
     pointing = evaluate_pointing(heads, images, text, job.manifest, mode=job.mode,
                                  device=device, batch_size=job.batch_size,
-                                 heatmap=config["heatmap"], keep_heatmaps=job.pictures > 0,
-                                 progress=pointing_progress)
+                                 heatmap=config["heatmap"], level_choice=choice,
+                                 keep_heatmaps=job.pictures > 0, progress=pointing_progress)
     if job.protocol not in PROTOCOLS:
         raise UnknownNameError("protocol", job.protocol, PROTOCOLS)
     metrics = {"run": str(job.run), "checkpoint": saved.path, "epoch": saved.epoch,
                "step": saved.step, "manifest": str(job.manifest), "images": str(job.images),
                "text": str(job.text), "mode": job.mode, "protocol": job.protocol,
+               "level_choice": choice,
                "protocols": {name: pointing.protocol(name).summary() for name in PROTOCOLS},
                "pointing": pointing.summary()}
     if job.retrieval:
@@ -239,8 +247,11 @@ def render_report(metrics: dict) -> str:
     levels = p["level_selection"]
     names = list(levels["phrases"])
     entropy = levels.get("entropy_bits")
-    lines += ["", "## Level selection", "", "How often each level is chosen (a phrase takes the level "
-              "of its most relevant word; sentences their sentence heatmap's)"
+    chooser = {"relevance": "the level of highest relevance (the paper's max)",
+               "focus": "the level whose heatmap is most focused"}[metrics.get("level_choice", "relevance")]
+    lines += ["", "## Level selection", "", f"Each word grounds with {chooser}. How often each level "
+              "is chosen (a phrase takes the level of its most relevant word; sentences their "
+              "sentence heatmap's)"
               + (", and the entropy of those rates in bits (0: always one level; "
                  f"{np.log2(max(len(names), 1)):.0f}: all {len(names)} equally)" if entropy else "")
               + ".", "",

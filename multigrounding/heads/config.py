@@ -69,13 +69,15 @@ class TrainConfig:
                                       "cache of a manifest labelled by `datasets phrases`); 0 is "
                                       "off.", kind="float", minimum=0)
     level_selection: str = setting(
-        "aux+soft", "How training selects among the levels: paper (the hard max, the paper's "
-                    "exact loss) or parts of aux (a per-level loss), dropout (hide levels at "
-                    "random), soft (softmax over levels annealed to the max), calibrate (pin "
-                    "the levels' mean mismatched relevance together), guide (train the max to pick the level "
-                    "that best retrieves the image) joined by +; the default aux+soft measured "
-                    "best over seeds (README, \"Level selection\"). Evaluation always takes "
-                    "the max.", kind="str")
+        "aux+soft+focus", "How training selects among the levels, and grounding picks one: paper "
+                          "(the hard max, the paper's exact loss and choice) or parts of aux (a "
+                          "per-level loss), dropout (hide levels at random), soft (softmax over "
+                          "levels annealed to the max), calibrate (pin the levels' mean mismatched "
+                          "relevance together), guide (train the max to pick the level that best "
+                          "retrieves the image), focus (ground each word at the level whose "
+                          "heatmap is most focused, not the most relevant) joined by +; the "
+                          "default measured best over seeds (README, \"Level selection\").",
+        kind="str")
     level_aux_weight: float = setting(1.0, "aux: weight of the per-level loss.", kind="float",
                                       above=0)
     level_dropout: float = setting(0.25, "dropout: chance that a level of a batch image is hidden "

@@ -6,7 +6,8 @@ For a text vector ``s`` (a word ``s_t`` or the sentence ``s̄``) and an image's 
 1. heatmap ``H[n, l] = max(0, <s, v[n, l]>)`` (``heatmap="relu"``, the paper);
 2. attended feature ``a[l] = normalise(sum_n H[n, l] v[n, l])``;
 3. relevance ``R[l] = <a[l], s>``;
-4. level selection ``R* = max_l R[l]``, ``l* = argmax_l R[l]``;
+4. level selection ``R* = max_l R[l]``, ``l* = argmax_l R[l]``; for grounding (the heatmap a
+   word points with) the level may instead be chosen by its heatmap's focus (``choose_levels``);
 5. captions: ``R_w = (1/gamma1) log sum_t exp(gamma1 R*_t)`` over the caption's real words;
 6. sentences: ``R_s = R*`` of ``s̄`` (no log-sum-exp).
 
@@ -67,6 +68,7 @@ from torch.autograd.function import once_differentiable
 
 from multigrounding.errors import MultigroundingError, UnknownNameError
 
+LEVEL_CHOICES = ("relevance", "focus")   # how grounding picks a text's level (choose_levels)
 HEATMAPS = ("relu", "softmax")
 EPS = 1e-12                 # norms at or below this count as zero (as torch's F.normalize)
 # Auto chunk: about this many floats per chunk-sized working tensor. On CPU the speed hardly
@@ -97,6 +99,27 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = EPS) -> Tensor:
     ok = squared > eps * eps
     return torch.where(ok, x * torch.rsqrt(torch.where(ok, squared, torch.ones_like(squared))),
                        torch.zeros_like(x))
+
+
+def choose_levels(heat: Tensor, relevance: Tensor, choice: str = "relevance") -> Tensor:
+    """The level each heatmap ``H [..., N, L]`` grounds with (``relevance [..., L]``), int64 ``[...]``.
+
+    ``relevance``: ``argmax_l R[l]``, the paper's. ``focus``: ``argmax_l max_n H[n, l]² / Σ_n
+    H[n, l]²``, the share of the map's energy in its peak cell — the level that puts its
+    attention in one place (issue 16: every level is trained by an auxiliary loss and their
+    relevances end up close, so the max is decided by the seed; the focus follows the maps).
+    A text whose maps are all zero keeps the relevance's choice.
+    """
+    if choice not in LEVEL_CHOICES:
+        raise UnknownNameError("level choice", str(choice), LEVEL_CHOICES)
+    by_relevance = relevance.argmax(dim=-1)
+    if choice == "relevance":
+        return by_relevance
+    energy = heat.float().square()
+    total = energy.sum(dim=-2)                                          # [..., L]
+    focus = torch.where(total > 0, energy.amax(dim=-2) / total.clamp(min=1e-30),
+                        torch.zeros_like(total))
+    return torch.where(total.amax(dim=-1) > 0, focus.argmax(dim=-1), by_relevance)
 
 
 def heatmap_kind(heatmap: str) -> bool:
@@ -391,12 +414,13 @@ def _matched(text: Tensor, visual: Tensor, softmax: bool) -> tuple[Tensor, Tenso
 
 
 def word_grounding(words: Tensor, mask: Tensor | None, visual: Tensor, *,
-                   heatmap: str = "relu") -> dict:
+                   heatmap: str = "relu", choice: str = "relevance") -> dict:
     """Word heatmaps of matched pairs (caption b with image b), for evaluation.
 
     Returns ``heatmaps H [B, T, N, L]`` (cell n = y*M + x), ``relevance R [B, T, L]``, ``level``
-    ``l* [B, T]`` (int64) and ``score R_t [B, T]`` (= relevance at l*). Padding words (mask
-    False) get zero heatmaps, relevance and score, and level -1.
+    ``l* [B, T]`` (int64, chosen by ``choose_levels(choice)``) and ``score R_t [B, T]`` (=
+    relevance at l*). Padding words (mask False) get zero heatmaps, relevance and score, and
+    level -1.
     """
     softmax = heatmap_kind(heatmap)
     mask = _check_words(words, mask)
@@ -405,15 +429,17 @@ def word_grounding(words: Tensor, mask: Tensor | None, visual: Tensor, *,
         raise HeadsInputError(f"word_grounding pairs caption b with image b; got {words.shape[0]} "
                               f"captions and {visual.shape[0]} images")
     heat, relevance = _matched(words, visual, softmax)
-    score, level = relevance.max(dim=-1)
+    level = choose_levels(heat, relevance, choice)
+    score = relevance.gather(-1, level[..., None])[..., 0]
     keep = mask.to(heat.dtype)
     return {"heatmaps": heat * keep[:, :, None, None], "relevance": relevance * keep[:, :, None],
             "level": torch.where(mask, level, torch.full_like(level, -1)), "score": score * keep}
 
 
-def sentence_grounding(sentence: Tensor, visual: Tensor, *, heatmap: str = "relu") -> dict:
+def sentence_grounding(sentence: Tensor, visual: Tensor, *, heatmap: str = "relu",
+                       choice: str = "relevance") -> dict:
     """Sentence heatmaps of matched pairs: ``heatmaps H^s [B, N, L]``, ``relevance [B, L]``,
-    ``level [B]`` (int64) and ``score R_s [B]``."""
+    ``level [B]`` (int64, ``choose_levels(choice)``) and ``score R_s [B]`` (relevance there)."""
     softmax = heatmap_kind(heatmap)
     if not isinstance(sentence, Tensor) or sentence.dim() != 2:
         raise HeadsInputError(f"sentence must be [B, D]; got {_describe(sentence)}")
@@ -422,5 +448,6 @@ def sentence_grounding(sentence: Tensor, visual: Tensor, *, heatmap: str = "relu
         raise HeadsInputError(f"sentence_grounding pairs sentence b with image b; got "
                               f"{sentence.shape[0]} sentences and {visual.shape[0]} images")
     heat, relevance = _matched(sentence[:, None], visual, softmax)
-    score, level = relevance[:, 0].max(dim=-1)
+    level = choose_levels(heat[:, 0], relevance[:, 0], choice)
+    score = relevance[:, 0].gather(-1, level[:, None])[:, 0]
     return {"heatmaps": heat[:, 0], "relevance": relevance[:, 0], "level": level, "score": score}

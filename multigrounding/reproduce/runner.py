@@ -332,7 +332,8 @@ def _train(ctx: _Context, seed: int, manifests: dict, caches: dict) -> Path:
     validate = None
     if config.val_manifest:
         validate = pointing_validator(config.val_images, config.val_text, config.val_manifest,
-                                      batch_size=config.batch_size, heatmap=config.heatmap)
+                                      batch_size=config.batch_size, heatmap=config.heatmap,
+                                      level_choice=config.level_selection_recipe().choice)
     ctx.stage(f"[train] seed {seed}: {config.epochs} epochs, D = {config.dim}, batch "
               f"{config.batch_size}, lr {config.lr:g} into {out}" + (" (resuming)" if resume else ""))
     result = train(config, resume=resume, validate=validate,
