@@ -1,7 +1,7 @@
 """Typed settings for the stages' flat config dataclasses: each field declares its help, type,
 range or choices once (``setting``), and from that the command line's options are generated
-(``cli.py``) and JSON configs are type-checked (``from_mapping``), so a default or a range lives
-in one place only."""
+(``cli/options.py``) and JSON configs are type-checked (``from_mapping``), so a default or a
+range lives in one place only."""
 from __future__ import annotations
 
 import dataclasses
