@@ -19,11 +19,12 @@ from click.testing import CliRunner
 from multigrounding.cache.errors import CacheDamagedError
 from multigrounding.cache.image_store import ImageFeatureStore
 from multigrounding.cache.location import Location
-from multigrounding.cache.reader import VisualBatchReader
+from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
 from multigrounding.cache.store import writer_lock
 from multigrounding.cli import main
 from multigrounding.datasets.records import Record
 from multigrounding.datasets.synth import generate_synth
+from multigrounding.heads.data import PairedCaches
 
 BACKBONE = ["--backbone", "efficientnet_lite0", "--weights", "random", "--seed", "3"]
 IMAGE_ARGS = [*BACKBONE, "--shard-size", "2", "--batch-size", "2"]
@@ -395,3 +396,32 @@ def test_train_killed_resumed_and_evaluated_from_s3_equals_the_local_run(synth, 
     assert reports["s3"]["pointing"] == reports["local"]["pointing"]
     assert reports["s3"]["retrieval"] == reports["local"]["retrieval"]
     assert reports["s3"]["images"] == f"s3://{remote}/images"
+
+
+def test_training_reads_both_stores_once_through_one_chunk_cache(remote, s3_server):
+    """PairedCaches gives the image and the text reader one chunk cache: after a first read, the
+    same rows come from memory even with every chunk gone from the bucket (a reader without the
+    cache then fails), so an epoch after the first fetches nothing from either store."""
+    client = s3_server.client()
+    bucket = s3_server.new_bucket("cached")
+    for prefix in ("images", "text"):           # a copy of the read-only stores, to damage
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=remote, Prefix=prefix + "/"):
+            for item in page.get("Contents", []):
+                client.copy_object(Bucket=bucket, Key=item["Key"],
+                                   CopySource={"Bucket": remote, "Key": item["Key"]})
+    images, text = f"s3://{bucket}/images", f"s3://{bucket}/text"
+    caches = PairedCaches(images, text, cache_bytes=10**8, storage_options=s3_server.storage_options)
+    images_rows, text_rows = list(range(len(caches.visual))), list(range(len(caches.text)))
+    first_visual, first_text = caches.visual.read(images_rows), caches.text.read(text_rows)
+    chunks = [item["Key"] for prefix in ("images/visual/", "text/tokens/", "text/sentence/")
+              for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+              for item in page.get("Contents", []) if "/c/" in item["Key"]]
+    assert any(key.startswith("text/") for key in chunks) and any(key.startswith("images/") for key in chunks)
+    for key in chunks:
+        client.delete_object(Bucket=bucket, Key=key)
+    for a, b in zip(first_visual, caches.visual.read(images_rows)):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(first_text, caches.text.read(text_rows)):
+        assert a.tobytes() == b.tobytes()
+    with pytest.raises(CacheDamagedError):
+        TextBatchReader(Location.parse(text, s3_server.storage_options)).read(text_rows)

@@ -8,10 +8,11 @@ Reads are strict: a reader refuses a store whose finished shards lost files, and
 missing or fails its checksum raises ``CacheDamagedError`` naming the store, the array and the
 image, never zeros (``ShardedStore.tensorstore``).
 
-Most of a batch read is decompressing the chunks, again every epoch. ``cache_bytes`` gives the
-visual levels one tensorstore cache pool of that size (decoded chunks, least recently used
-dropped first): a dataset that fits is decoded once, and later epochs copy from memory
-(measured: a warm cache reads at 0.6 of a memory-mapped raw array, a cold one at 0.13).
+Most of a batch read is decompressing the chunks, again every epoch. ``chunk_cache(bytes)`` is
+one tensorstore cache pool of that size (decoded chunks, least recently used dropped first),
+which a visual and a text reader may share (``cache=``; ``cache_bytes`` makes a reader its own):
+a dataset that fits is decoded once, and later epochs copy from memory (measured: a warm cache
+reads at 0.6 of a memory-mapped raw array, a cold one at 0.13).
 
 A store on an object store (a ``Location`` with a URL) is read the same way through
 tensorstore's kvstore for its scheme (``s3``), and there the chunk cache matters more: a cold
@@ -33,13 +34,19 @@ from multigrounding.cache.store import read_rows
 from multigrounding.cache.text_store import TextFeatureStore
 
 
+def chunk_cache(cache_bytes: int) -> ts.Context | None:
+    """A chunk cache of ``cache_bytes`` for readers to share (None: no cache)."""
+    return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}}) if cache_bytes else None
+
+
 class VisualBatchReader:
     """``reader.read(rows)`` → one float16 array [B, M, M, C_k] per level, rows in given order."""
 
-    def __init__(self, path: str | Path | Location, cache_bytes: int = 0):
+    def __init__(self, path: str | Path | Location, cache_bytes: int = 0,
+                 cache: ts.Context | None = None):
         self.store = ImageFeatureStore.open(path)
         self.store.check_complete()
-        context = ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}}) if cache_bytes else None
+        context = cache if cache is not None else chunk_cache(cache_bytes)
         self.names = [f"visual/level{k}" for k in range(len(self.store.levels))]
         self.levels = [self.store.tensorstore(name, context) for name in self.names]
 
@@ -68,13 +75,15 @@ class TextBatchReader:
     indexed tensorstore read of all their rows, then padded to the longest sequence.
     """
 
-    def __init__(self, path: str | Path | Location):
+    def __init__(self, path: str | Path | Location, cache_bytes: int = 0,
+                 cache: ts.Context | None = None):
         self.store = TextFeatureStore.open(path)
         self.store.check_complete()
         self.start, length = self.store.sequence_spans()
         self.length = length.astype(np.int64)
-        self.tokens = self.store.tensorstore("tokens")
-        self.sentence = self.store.tensorstore("sentence")
+        context = cache if cache is not None else chunk_cache(cache_bytes)
+        self.tokens = self.store.tensorstore("tokens", context)
+        self.sentence = self.store.tensorstore("sentence", context)
 
     def __len__(self) -> int:
         return len(self.start)

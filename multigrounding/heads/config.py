@@ -99,8 +99,9 @@ class TrainConfig:
     seed: int = setting(0, "Seed of the heads' initialisation and of the batches.", kind="int")
     device: str = setting("auto", "auto (cuda when there is one), cpu, cuda, cuda:1 ...", kind="str")
     prefetch: int = setting(3, "Batches read ahead on a background thread.", kind="int", minimum=1)
-    read_cache_gb: float = setting(2.0, "Decoded image features kept in memory across epochs (0: "
-                                        "none); a training set that fits is decompressed once.",
+    read_cache_gb: float = setting(2.0, "Decoded image and text features kept in memory across "
+                                        "epochs (0: none); a training set that fits is "
+                                        "decompressed (and, from an object store, fetched) once.",
                                    kind="float", minimum=0)
     log_every: int = setting(10, "Steps between log lines.", kind="int", minimum=1, cli=False)
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from multigrounding.cache.location import Location
-from multigrounding.cache.reader import TextBatchReader, VisualBatchReader
+from multigrounding.cache.reader import TextBatchReader, VisualBatchReader, chunk_cache
 from multigrounding.cache.store import CacheIncompleteError, CacheMismatchError
 from multigrounding.cache.text_store import Labels
 
@@ -50,8 +50,9 @@ class PairedCaches:
 
     def __init__(self, images: str | Path | Location, text: str | Path | Location,
                  cache_bytes: int = 0, storage_options: dict | None = None):
-        self.visual = VisualBatchReader(Location.parse(images, storage_options), cache_bytes)
-        self.text = TextBatchReader(Location.parse(text, storage_options))
+        cache = chunk_cache(cache_bytes)           # one budget for both stores' decoded chunks
+        self.visual = VisualBatchReader(Location.parse(images, storage_options), cache=cache)
+        self.text = TextBatchReader(Location.parse(text, storage_options), cache=cache)
         image_store, text_store = self.visual.store, self.text.store
         for store in (image_store, text_store):
             missing = int((~store.done_shards()).sum())
