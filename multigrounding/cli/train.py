@@ -73,12 +73,13 @@ def train_command(ctx, resume_dir, config_file, nproc, dist_timeout, storage_opt
     if config.val_manifest:
         from multigrounding.cache.location import Location
         from multigrounding.evaluation.phrase_pointing import pointing_validator
+        from multigrounding.heads.level_selection import level_choice
 
         validate = pointing_validator(Location.parse(config.val_images, store_options),
                                       Location.parse(config.val_text, store_options),
                                       config.val_manifest, batch_size=config.batch_size,
                                       heatmap=config.heatmap,
-                                      level_choice=config.level_selection_recipe().choice)
+                                      level_choice=level_choice(config.level_selection))
     with tqdm(unit=" steps", file=sys.stderr, dynamic_ncols=True, disable=None if launch.is_main else True,
               leave=False) as bar:
         def update(metrics: dict) -> None:

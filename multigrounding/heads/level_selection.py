@@ -159,11 +159,6 @@ class LevelSelection:
         """Whether training is the paper's (``focus`` changes only how grounding picks levels)."""
         return not self.parts - {"focus"}
 
-    @property
-    def choice(self) -> str:
-        """How grounding picks a text's level (``scores.choose_levels``)."""
-        return "focus" if "focus" in self.parts else "relevance"
-
     def temperature_at(self, progress: float) -> float | None:
         """τ of the soft selection at training ``progress`` in [0, 1]; None: the hard max."""
         if "soft" not in self.parts or progress >= self.anneal:

@@ -42,6 +42,7 @@ from multigrounding.evaluation.phrase_pointing import pointing_validator
 from multigrounding.evaluation.protocols import plural
 from multigrounding.evaluation.report import METRICS_FILE, evaluate_run
 from multigrounding.heads.checkpoint import Checkpoint, CheckpointError, checkpoint_path
+from multigrounding.heads.level_selection import level_choice
 from multigrounding.heads.run_folder import CONFIG_FILE, RunFolder
 from multigrounding.heads.trainer import train
 from multigrounding.pipeline.image_task import extract_images
@@ -333,7 +334,7 @@ def _train(ctx: _Context, seed: int, manifests: dict, caches: dict) -> Path:
     if config.val_manifest:
         validate = pointing_validator(config.val_images, config.val_text, config.val_manifest,
                                       batch_size=config.batch_size, heatmap=config.heatmap,
-                                      level_choice=config.level_selection_recipe().choice)
+                                      level_choice=level_choice(config.level_selection))
     ctx.stage(f"[train] seed {seed}: {config.epochs} epochs, D = {config.dim}, batch "
               f"{config.batch_size}, lr {config.lr:g} into {out}" + (" (resuming)" if resume else ""))
     result = train(config, resume=resume, validate=validate,
