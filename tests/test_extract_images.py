@@ -93,6 +93,29 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(synth, tmp_pa
     assert "another extraction is writing to this cache" in result.output
 
 
+def test_a_finished_store_needs_no_lock_but_any_other_work_does(synth, tmp_path):
+    """Two identical extractions started side by side: once the store is finished the second has
+    nothing to do and succeeds, lock or no lock; with work left, or other settings, it is
+    refused while the lock is held."""
+    assert extract(synth, tmp_path / "c").exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    with writer_lock(tmp_path / "c"):
+        again = extract(synth, tmp_path / "c")
+        other = extract(synth, tmp_path / "c", "--seed", "4", "--overwrite")
+    assert again.exit_code == 0 and "(3 were done before)" in again.output, again.output
+    assert other.exit_code == 1 and "another extraction is writing to this cache" in other.output
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c").rglob("*") if p.is_file()
+            and p.name != ".lock"} == {p: t for p, t in before.items() if p.name != ".lock"}
+    chunk = next(p for p in (tmp_path / "c" / "visual" / "level0").rglob("*") if p.is_file()
+                 and p.name != "zarr.json")
+    chunk.unlink()                                     # damage, then forget it: work left
+    repaired = CliRunner().invoke(main, ["cache", "repair", str(tmp_path / "c")])
+    assert repaired.exit_code == 0 and "marked for extraction again" in repaired.output, repaired.output
+    with writer_lock(tmp_path / "c"):
+        refused = extract(synth, tmp_path / "c")
+    assert refused.exit_code == 1 and "another extraction is writing" in refused.output
+
+
 def test_bad_images_fail_alone_and_odd_formats_are_read(tmp_path):
     images = tmp_path / "images"
     write_image(images / "ok.jpg", 40, 30)

@@ -174,6 +174,21 @@ def prepare_store(where: str | Path | Location, kind: str, config: dict, overwri
     return group, header, False
 
 
+def finished_store(store_class, where: str | Path | Location, config):
+    """The store at ``where`` when it was made for ``config`` and every shard is done (an
+    extraction would have nothing to do), else None. Reads only, without the writer lock: a
+    finished store changes only under the lock and only by ``--overwrite`` or ``cache repair``,
+    so a second identical extraction started beside a first one succeeds instead of being
+    refused."""
+    location = Location.parse(where)
+    existing = _existing_header(location)
+    if (existing is None or existing.kind != store_class.KIND
+            or existing.fingerprint != fingerprint(_fingerprinted(config.to_json()))):
+        return None
+    store = store_class.open(location)
+    return store if bool(store.done_shards().all()) else None
+
+
 def _existing_header(location: Location) -> Header | None:
     """The header of the multigrounding store at ``location``, or None when there is none."""
     if not _has_root(location):

@@ -28,8 +28,8 @@ import dask
 import numpy as np
 
 from multigrounding.cache.location import Location, is_url, parse_storage_options
-from multigrounding.cache.store import (ShardedStore, remove_stale_partials, shown, store_bytes,
-                                        writer_lock)
+from multigrounding.cache.store import (ShardedStore, finished_store, remove_stale_partials, shown,
+                                        store_bytes, writer_lock)
 from multigrounding.devices import resolve_device
 from multigrounding.errors import MultigroundingError
 from multigrounding.pipeline.models import ModelKey, get_model
@@ -185,6 +185,15 @@ def run_sharded(job: ShardJob, progress: Callable[[int, int], None] | None = Non
     location = cache_location(job)
     where = shown(location)
     check_cache_location(location, job.manifest, job.input_files(layout))
+    done_before = None if job.overwrite else finished_store(job.store_class, location, config)
+    if done_before is not None:       # nothing to extract: no lock to take
+        summary = ExtractionSummary(where, job.unit, len(ids), done_before.num_shards,
+                                    done_before.num_shards, counts=job.counts(layout))
+        if progress is not None:
+            progress(done_before.items_in(np.arange(done_before.num_shards)), len(ids))
+        summary.seconds = time.perf_counter() - started
+        summary.bytes = store_bytes(location)
+        return summary
     with writer_lock(location) as lock:
         store, resumed = job.store_class.create_or_resume(location, config, layout, job.overwrite)
         if resumed:
