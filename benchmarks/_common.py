@@ -6,11 +6,15 @@ never an absolute timing compared with a constant.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import shutil
 import statistics
-from typing import Sequence
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
 
 
 def cores() -> int:
@@ -58,3 +62,16 @@ def verdict(what: str, stat: Stat, target: str, ok: bool) -> str:
     """One line: MET / MISSED, the measured median and spread, and the target."""
     return (f"{'MET   ' if ok else 'MISSED'}  {what}: median {stat.fmt('.3f')} "
             f"(target {target})")
+
+
+@contextlib.contextmanager
+def work_folder(workdir: str | Path | None, prefix: str) -> Iterator[Path]:
+    """The benchmark's working folder: ``--workdir`` when given (kept, to look at or reuse), else
+    a temporary folder removed at the end, whatever happens."""
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield root
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)

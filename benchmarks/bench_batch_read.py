@@ -38,14 +38,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stat, machine_line, table, verdict  # noqa: E402
+from _common import Stat, machine_line, table, verdict, work_folder  # noqa: E402
 
 TARGET = 0.5
 CODECS = ("none", "zstd1", "zstd3", "lz4", "dense-none")   # dense-none: levels with zstd < 1.2x stored raw
@@ -214,9 +213,7 @@ def make_readers(cache: Path, npy_dir: Path, args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     print("bench_batch_read:", machine_line())
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-read-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-read-") as root:
         started = time.perf_counter()
         cache = build_by_extraction(root, args) if args.store == "extract" else build_random(root, args)
         readers, store, codec_ratios = make_readers(cache, root / "npy", args)
@@ -280,9 +277,6 @@ def main(argv=None) -> int:
         if times["zarr"]:
             print(f"        zarr-python integer indexing takes {zarr_over_cache.median:.1f}x the cache "
                   f"reader's time per batch (why the reader uses tensorstore)")
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -42,7 +42,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import Stat, cores, machine_line, table, verdict  # noqa: E402
+from _common import Stat, cores, machine_line, table, verdict, work_folder  # noqa: E402
 from photos import photo_jpegs  # noqa: E402
 from standin import StandInKey, make_bank  # noqa: E402
 
@@ -481,9 +480,7 @@ def _plain(value):
 def main(argv=None) -> int:
     args = parse_args(argv)
     print("bench_data_path:", machine_line())
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-data-path-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-data-path-") as root:
         photos = photo_jpegs(root / "photos", args.images)
         sizes = [os.path.getsize(p) for p in (root / "photos" / "images").glob("*.jpg")]
         print(f"photos: {len(sizes)} JPEG files of COCO 39769 at {len({s for s in sizes})} different "
@@ -493,9 +490,6 @@ def main(argv=None) -> int:
         report(results, args)
         if args.json:
             args.json.write_text(json.dumps(_plain(results), indent=1))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -25,12 +25,11 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stat, machine_line, table, verdict  # noqa: E402
+from _common import Stat, machine_line, table, verdict, work_folder  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -113,9 +112,7 @@ def run_extraction(manifest: Path, cache: Path, args, log: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     print("bench_extract_memory:", machine_line())
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-memory-") as root:
         from multigrounding.datasets.synth import generate_synth
 
         full = root / "synth" / "manifest.jsonl"
@@ -154,9 +151,6 @@ def main(argv=None) -> int:
               f"large/small {ratio.fmt('.3f')} for {args.large / args.small:.0f}x the images")
         print(verdict(f"peak RSS large/small ({args.large} vs {args.small} images)", ratio,
                       f"1 +/- {args.tolerance:.2f}", abs(ratio.median - 1) <= args.tolerance))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

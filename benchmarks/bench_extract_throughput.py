@@ -36,7 +36,6 @@ import logging
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +43,7 @@ from types import SimpleNamespace
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stat, machine_line, table, verdict  # noqa: E402
+from _common import Stat, machine_line, table, verdict, work_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_IMAGE = REPO.parent / "shared" / "data" / "coco-39769" / "000000039769.png"
@@ -327,9 +326,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     print("bench_extract_throughput:", machine_line())
-    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_folder(args.workdir, "bench-extract-") as root:
         results = []
         for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
             if name == "efficientnet_lite0":
@@ -387,9 +384,6 @@ def main(argv=None) -> int:
                 rows.append([label, data, f"{raw / 1e6:.1f}", f"{disk / 1e6:.1f}", f"{overall:.2f}x",
                              " / ".join(f"{x:.2f}" for x in per_level)])
             print(table(["backbone weights", "images", "raw MB", "disk MB", "ratio", "per level"], rows))
-    finally:
-        if not args.workdir:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
