@@ -75,3 +75,35 @@ def work_folder(workdir: str | Path | None, prefix: str) -> Iterator[Path]:
     finally:
         if not workdir:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def batch_recomputer(records, backbone, text_model, text_store):
+    """``recompute(image_rows, caption_rows) -> Batch``: a training batch made from the images and
+    captions themselves, the frozen backbone and text encoder run again — training without a
+    cache, the other arm of the cache-vs-recompute comparisons (bench_train, gpu_check)."""
+    import numpy as np
+    import torch
+
+    from multigrounding.datasets.images import load_rgb
+    from multigrounding.heads.data import Batch
+
+    words = text_store.group["words"][:]
+    starts = text_store.group["captions/start"][:]
+    lengths = text_store.group["captions/length"][:]
+
+    def recompute(image_rows, caption_rows) -> Batch:
+        pixels = np.stack([load_rgb(records[r].image, backbone.spec.input_size)[0] for r in image_rows])
+        with torch.inference_mode():
+            levels = [level.to(torch.float16).cpu().numpy() for level in backbone(torch.from_numpy(pixels))]
+        sentences = [list(words[starts[c]:starts[c] + lengths[c]]) for c in caption_rows]
+        encoded = text_model.encode(sentences)
+        width = max(len(s) for s in sentences)
+        tokens = np.zeros((len(sentences), width) + encoded[0].tokens.shape[1:], np.float16)
+        mask = np.zeros((len(sentences), width), bool)
+        for i, e in enumerate(encoded):
+            tokens[i, :len(e.tokens)] = e.tokens
+            mask[i, :len(e.tokens)] = True
+        sentence = np.stack([e.sentence for e in encoded]).astype(np.float16)
+        return Batch(image_rows, caption_rows, levels, tokens, mask, sentence)
+
+    return recompute

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Stat, machine_line, table, verdict  # noqa: E402
+from _common import Stat, batch_recomputer, machine_line, table, verdict  # noqa: E402
 
-from multigrounding.datasets.images import load_rgb  # noqa: E402
 from multigrounding.datasets.manifest import read_manifest  # noqa: E402
 from multigrounding.datasets.synth import generate_synth  # noqa: E402
 from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs  # noqa: E402
@@ -99,24 +98,7 @@ def bench_cache_vs_recompute(root: Path, rounds: int, batch_size: int) -> str:
     records = list(read_manifest(manifest))
     backbone = create_backbone("vgg16", "random")
     encoder = create_text_encoder("hf:all-MiniLM-L6-v2")
-    words = caches.text.store.group["words"][:]
-    starts = caches.text.store.group["captions/start"][:]
-    lengths = caches.text.store.group["captions/length"][:]
-
-    def recomputed_batch(image_rows, caption_rows):
-        pixels = np.stack([load_rgb(records[r].image, backbone.spec.input_size)[0] for r in image_rows])
-        levels = [level.numpy().astype(np.float16) for level in backbone(torch.from_numpy(pixels))]
-        sentences = [list(words[starts[c]:starts[c] + lengths[c]]) for c in caption_rows]
-        encoded = encoder.encode(sentences)
-        width = max(len(s) for s in sentences)
-        tokens = np.zeros((len(sentences), width) + encoded[0].tokens.shape[1:], np.float16)
-        mask = np.zeros((len(sentences), width), bool)
-        for i, e in enumerate(encoded):
-            tokens[i, :len(e.tokens)] = e.tokens
-            mask[i, :len(e.tokens)] = True
-        sentence = np.stack([e.sentence for e in encoded]).astype(np.float16)
-        from multigrounding.heads.data import Batch
-        return Batch(image_rows, caption_rows, levels, tokens, mask, sentence)
+    recomputed_batch = batch_recomputer(records, backbone, encoder, caches.text.store)
 
     _step(heads, optimiser, caches.read(*pairs[0]), config, "cpu")  # warm-up (allocations, thread pools)
     speedups, cached_steps, recompute_steps = [], [], []

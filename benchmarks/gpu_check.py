@@ -327,21 +327,19 @@ def text_encoder_name(root: Path, manifest: Path) -> tuple[str, str]:
 
 
 def check_training(root: Path, sizes: Sizes, device: str) -> list[dict]:
-    import numpy as np
     import torch
 
-    from multigrounding.datasets.images import load_rgb
     from multigrounding.datasets.manifest import read_manifest
     from multigrounding.datasets.synth import generate_synth
     from multigrounding.heads.config import TrainConfig
-    from multigrounding.heads.data import Batch, PairedCaches, Prefetcher, epoch_pairs
+    from multigrounding.heads.data import PairedCaches, Prefetcher, epoch_pairs
     from multigrounding.heads.trainer import _step, build_heads
     from multigrounding.pipeline.backbones import create_backbone
     from multigrounding.pipeline.image_task import ImageExtraction, extract_images
     from multigrounding.pipeline.text_encoders import create_text_encoder
     from multigrounding.pipeline.text_task import TextExtraction, extract_text
 
-    from _common import Stat
+    from _common import Stat, batch_recomputer
 
     data = root / "train-data"
     if not (data / "manifest.jsonl").exists():
@@ -404,24 +402,7 @@ def check_training(root: Path, sizes: Sizes, device: str) -> list[dict]:
     backbone.set_precision(torch.float16 if device.startswith("cuda") else torch.float32,
                            channels_last=device.startswith("cuda"))   # extraction's default
     text_model = create_text_encoder(encoder, device=device)
-    words = caches.text.store.group["words"][:]
-    starts = caches.text.store.group["captions/start"][:]
-    lengths = caches.text.store.group["captions/length"][:]
-
-    def recomputed(image_rows, caption_rows) -> Batch:
-        pixels = np.stack([load_rgb(records[r].image, backbone.spec.input_size)[0] for r in image_rows])
-        with torch.inference_mode():
-            levels = [level.to(torch.float16).cpu().numpy() for level in backbone(torch.from_numpy(pixels))]
-        sentences = [list(words[starts[c]:starts[c] + lengths[c]]) for c in caption_rows]
-        encoded = text_model.encode(sentences)
-        width = max(len(s) for s in sentences)
-        tokens = np.zeros((len(sentences), width) + encoded[0].tokens.shape[1:], np.float16)
-        mask = np.zeros((len(sentences), width), bool)
-        for i, e in enumerate(encoded):
-            tokens[i, :len(e.tokens)] = e.tokens
-            mask[i, :len(e.tokens)] = True
-        sentence = np.stack([e.sentence for e in encoded]).astype(np.float16)
-        return Batch(image_rows, caption_rows, levels, tokens, mask, sentence)
+    recomputed = batch_recomputer(records, backbone, text_model, caches.text.store)
 
     _step(heads, optimiser, caches.read(*pairs[0]), config, device)
     _step(heads, optimiser, recomputed(*pairs[0]), config, device)
